@@ -23,6 +23,7 @@ requirements = [
     "scikit-learn>=1.4",
     "xarray>=2024.1",
     "h5netcdf>=1.3",
+    "h5py>=3.10",
     "pandas>=2.1",
     "tifffile>=2024.1",
     "pillow>=10",

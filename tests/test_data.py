@@ -1,0 +1,401 @@
+"""Data layer: readers, mask decoding, pairing, splits, bad-input errors, normalisation, tiling, summaries, real data."""
+import json
+import logging
+import time
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from conftest import REPO, run_matseg
+from matseg.core import MatsegError, asset_path
+from matseg.data import (Sample, class_fraction, decode_mask, imagenet_normalize, load_dataset, normalize, pair_files,
+                         read_image, read_mask, read_sample, split_counts, stitch, summarize, tile, tile_starts)
+from matseg.profile import (BinaryEncoding, DatasetSpec, IndexEncoding, LayoutSpec, NormSpec, PaletteEncoding,
+                            load_profile)
+
+SAMPLE = asset_path("sample", "super1")
+SUPER1_CLASSES = ["gamma_matrix", "secondary_gamma_prime", "tertiary_gamma_prime"]
+SUPER1_PAL = PaletteEncoding(colors={"secondary_gamma_prime": [0, 0, 255], "tertiary_gamma_prime": [255, 0, 0]},
+                             default_class="gamma_matrix")
+RNG = np.random.default_rng(0)
+
+
+def spec(root, **kw):
+    "A DatasetSpec for a test folder (index masks, 2 classes unless given)."
+    layout = kw.pop("layout", {})
+    d = dict(name="t", modality="SEM", material="steel", root=str(root), classes=["bg", "fg"], layout=LayoutSpec(**layout))
+    d.update(kw)
+    return DatasetSpec(**d)
+
+
+def grey(h=16, w=20, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (h, w), dtype=np.uint8)
+
+
+def write_pair(img_dir, mask_dir, stem, h=16, w=20, seed=0, mask_stem=None, mask_ext=".png", img_ext=".png"):
+    "An image whose first pixel encodes `seed` and a 0/1 mask = (image > 127)."
+    img_dir.mkdir(parents=True, exist_ok=True); mask_dir.mkdir(parents=True, exist_ok=True)
+    g = grey(h, w, seed); g[0, 0] = seed
+    Image.fromarray(g).save(img_dir / f"{stem}{img_ext}")
+    m = (g > 127).astype(np.uint8)
+    p = mask_dir / f"{mask_stem or stem}{mask_ext}"
+    if mask_ext == ".tif": tifffile.imwrite(p, m)
+    else: Image.fromarray(m).save(p)
+    return g, m
+
+
+def err(f, *a, **kw):
+    with pytest.raises(MatsegError) as ei:
+        f(*a, **kw)
+    return str(ei.value)
+
+
+# ---------------------------------------------------------------- readers
+def test_read_image_formats(tmp_path):
+    g = grey()
+    Image.fromarray(np.dstack([g] * 3)).save(tmp_path / "rgb_grey.png")
+    Image.fromarray(np.dstack([g] * 3 + [np.full_like(g, 255)])).save(tmp_path / "rgba_grey.png")
+    Image.fromarray(g).save(tmp_path / "q.jpg", quality=100)
+    Image.fromarray(g.astype(np.uint16) * 257).save(tmp_path / "u16.png")
+    tifffile.imwrite(tmp_path / "u16.tif", g.astype(np.uint16) * 257)
+    tifffile.imwrite(tmp_path / "f.tif", g.astype(np.float32) / 3)
+    tifffile.imwrite(tmp_path / "stack.tif", np.stack([g, 255 - g, g // 2, g // 3]), photometric="minisblack")  # 4 channels
+    tifffile.imwrite(tmp_path / "rgb.tif", np.dstack([g, 255 - g, g // 2]), photometric="rgb")
+    np.save(tmp_path / "a.npy", np.stack([g, g]).astype(np.float64))
+    np.save(tmp_path / "hwc.npy", np.dstack([g, 255 - g, g]))
+    p = Image.fromarray(g).convert("P"); p.save(tmp_path / "pal.png")
+
+    assert np.array_equal(read_image(tmp_path / "rgb_grey.png"), g[None])
+    assert np.array_equal(read_image(tmp_path / "rgba_grey.png"), g[None])
+    assert read_image(tmp_path / "q.jpg").shape == (1, 16, 20)
+    for f in ("u16.png", "u16.tif"):
+        a = read_image(tmp_path / f)
+        assert a.dtype == np.uint16 and np.array_equal(a[0], g.astype(np.uint16) * 257), f
+    assert read_image(tmp_path / "f.tif").dtype == np.float32
+    assert np.array_equal(read_image(tmp_path / "stack.tif"), np.stack([g, 255 - g, g // 2, g // 3]))
+    assert np.array_equal(read_image(tmp_path / "rgb.tif"), np.stack([g, 255 - g, g // 2]))
+    assert read_image(tmp_path / "a.npy").shape == (2, 16, 20)
+    assert np.array_equal(read_image(tmp_path / "hwc.npy"), np.stack([g, 255 - g, g]))
+    assert read_image(tmp_path / "pal.png").shape[1:] == (16, 20)
+
+
+def test_read_mask_first_page_without_series_warning(tmp_path, caplog):
+    # like Super1: an RGBA overlay page followed by a smaller thumbnail page, written as a "shaped" series
+    over = np.zeros((32, 32, 4), np.uint8); over[..., 3] = 255; over[:4, :4, 2] = 255
+    with tifffile.TiffWriter(tmp_path / "m.tif") as w:
+        w.write(over, photometric="rgb", description='{"shape": [32, 32, 3]}', metadata=None)
+        w.write(np.zeros((16, 16, 3), np.uint8), photometric="rgb", metadata=None)
+    with caplog.at_level(logging.WARNING, logger="tifffile"):
+        m = read_mask(tmp_path / "m.tif", rgb=True)
+        read_image(tmp_path / "m.tif")
+    assert m.shape == (32, 32, 4) and m[0, 0, 2] == 255
+    assert not [r for r in caplog.records if "series shape" in r.getMessage()]
+
+
+def test_corrupt_and_missing_and_unsupported_files(tmp_path):
+    (tmp_path / "bad.tif").write_bytes(b"II*\x00garbage")
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
+    (tmp_path / "x.gif").write_bytes(b"GIF89a")
+    for f in ("bad.tif", "bad.png"):
+        e = err(read_image, tmp_path / f)
+        assert f in e and "re-export" in e
+    assert "does not exist" in err(read_image, tmp_path / "nope.png")
+    assert "unsupported file type '.gif'" in err(read_mask, tmp_path / "x.gif")
+
+
+# ---------------------------------------------------------------- mask decoding
+def test_decode_index_and_errors():
+    raw = np.array([[0, 1], [2, 1]], np.uint8)
+    assert decode_mask(raw, IndexEncoding(), ["a", "b", "c"]).tolist() == raw.tolist()
+    assert decode_mask(np.dstack([raw] * 3), IndexEncoding(), ["a", "b", "c"]).tolist() == raw.tolist()  # grey RGB copy
+    e = err(decode_mask, np.array([[0, 5, 5], [255, 1, 1]], np.uint8), IndexEncoding(), ["a", "b"], "x/m#1.png")
+    assert "x/m#1.png" in e and "5: 2 px" in e and "255: 1 px" in e and "binary" in e
+    e = err(decode_mask, np.dstack([raw, raw * 0, raw]), IndexEncoding(), ["a", "b", "c"], "c.png")
+    assert "c.png" in e and "palette" in e
+
+
+def test_decode_binary():
+    raw = np.array([[0, 255, 1], [7, 0, 255]], np.uint8)
+    assert decode_mask(raw, BinaryEncoding(), ["bg", "fg"]).tolist() == [[0, 1, 1], [1, 0, 1]]
+    assert decode_mask(raw, BinaryEncoding(foreground=255), ["bg", "fg"]).tolist() == [[0, 1, 0], [0, 0, 1]]
+    assert decode_mask(raw, {"kind": "binary", "foreground": 7}, ["bg", "fg"]).dtype == np.uint8
+
+
+def test_decode_palette_default_tolerance_and_unknown_colours():
+    h, w = 30, 40
+    truth = RNG.integers(0, 3, (h, w)).astype(np.uint8)
+    greyval = RNG.integers(0, 256, (h, w)).astype(np.uint8)
+    rgb = np.dstack([greyval] * 3 + [np.full_like(greyval, 255)])  # grey overlay, RGBA
+    rgb[truth == 1, :3] = [0, 0, 255]; rgb[truth == 2, :3] = [255, 0, 0]
+    rgb[truth == 0, :3] = np.where(rgb[truth == 0, :3] == [0, 0, 255], 1, rgb[truth == 0, :3])
+    assert np.array_equal(decode_mask(rgb, SUPER1_PAL, SUPER1_CLASSES), truth)
+    # oracle: an independent per-pixel python loop on a small image
+    oracle = [[1 if tuple(p[:3]) == (0, 0, 255) else 2 if tuple(p[:3]) == (255, 0, 0) else 0 for p in row] for row in rgb]
+    assert decode_mask(rgb, SUPER1_PAL, SUPER1_CLASSES).tolist() == oracle
+    noisy = rgb.copy(); noisy[0, 0, :3] = [3, 2, 250]
+    assert decode_mask(noisy, SUPER1_PAL.model_copy(update={"tolerance": 5}), SUPER1_CLASSES)[0, 0] == 1
+    assert decode_mask(noisy, SUPER1_PAL, SUPER1_CLASSES)[0, 0] == 0
+    strict = SUPER1_PAL.model_copy(update={"default_class": None})
+    pure = np.zeros((4, 4, 3), np.uint8); pure[:2] = [0, 0, 255]; pure[3, 3] = [10, 20, 30]
+    e = err(decode_mask, pure, strict, SUPER1_CLASSES, "mask(2).png")
+    assert "mask(2).png" in e and "RGB(0, 0, 0): 7 px" in e and "RGB(10, 20, 30): 1 px" in e
+    assert "single-channel" in err(decode_mask, truth, SUPER1_PAL, SUPER1_CLASSES, "m.png")
+
+
+# ---------------------------------------------------------------- pairing and splits
+def test_discover_splits_and_exact_name_pairing(tmp_path):
+    names = ["040617#2_S127(2)0015", "a[1]", "b*", "plain"]
+    truth = {}
+    for i, n in enumerate(names):
+        truth[n] = write_pair(tmp_path / "train", tmp_path / "train_annot", n, seed=i, mask_ext=".tif")
+    write_pair(tmp_path / "val", tmp_path / "val_masks", "v", seed=9)
+    write_pair(tmp_path / "test", tmp_path / "test_labels", "t", seed=10)
+    write_pair(tmp_path / "different_test" / "images", tmp_path / "different_test" / "masks", "d", seed=11)
+    s = pair_files(spec(tmp_path), base_dir="/")
+    assert [x.split for x in s] == ["train"] * 4 + ["val", "test", "different_test"]
+    ds = load_dataset(spec(tmp_path), splits=["train"])
+    for n, (g, m) in truth.items():  # every image sits with its own mask (nothing shifted)
+        assert np.array_equal(ds.mask.sel(sample=n).values, m) and np.isclose(float(ds.image.sel(sample=n)[0, 0, 0]), g[0, 0] / 255)
+
+
+def test_unpaired_files_are_all_named(tmp_path):
+    for i in range(5):
+        write_pair(tmp_path / "train", tmp_path / "train_annot", f"img{i}", seed=i, mask_stem=f"img{i}_mask")
+    (tmp_path / "train_annot" / "img1_mask.png").unlink()
+    (tmp_path / "train_annot" / "img3_mask.png").unlink()
+    Image.fromarray(grey()).save(tmp_path / "train_annot" / "orphan(1)_mask.png")
+    e = err(pair_files, spec(tmp_path, layout={"mask_suffix": "_mask"}))
+    assert "img1.png" in e and "img3.png" in e and "orphan(1)_mask.png" in e and "img0" not in e
+    e2 = err(pair_files, spec(tmp_path))  # wrong mask_suffix: a hint
+    assert '"mask_suffix": "_mask"' in e2
+
+
+def test_flat_split_is_seeded_deterministic_nonempty(tmp_path):
+    for i in range(7):
+        write_pair(tmp_path / "images", tmp_path / "masks", f"s{i:02d}", seed=i)
+    sp = spec(tmp_path, layout={"kind": "flat"})
+    a, b = pair_files(sp), pair_files(sp)
+    assert [(x.name, x.split) for x in a] == [(x.name, x.split) for x in b]
+    counts = {k: sum(x.split == k for x in a) for k in ("train", "val", "test")}
+    assert counts == {"train": 5, "val": 1, "test": 1}
+    other = pair_files(spec(tmp_path, layout={"kind": "flat", "split_seed": 3}))
+    assert [x.split for x in other] != [x.split for x in a]
+    assert split_counts(3, {"train": 0.8, "val": 0.1, "test": 0.1}) == {"train": 1, "val": 1, "test": 1}
+    assert split_counts(100, {"train": 0.7, "val": 0.15, "test": 0.15}) == {"train": 70, "val": 15, "test": 15}
+
+
+def test_channel_suffixes_afm(tmp_path):
+    h = RNG.normal(size=(16, 20)).astype(np.float32)
+    (tmp_path / "images").mkdir(); (tmp_path / "masks").mkdir()
+    for stem in ("scan1", "scan2"):
+        tifffile.imwrite(tmp_path / "images" / f"{stem}_height.tif", h)
+        tifffile.imwrite(tmp_path / "images" / f"{stem}_phase.tif", -h * 3)
+        Image.fromarray((h > 0).astype(np.uint8)).save(tmp_path / "masks" / f"{stem}.png")
+    sp = spec(tmp_path, channels=["height", "phase"], layout={"kind": "flat", "channel_suffixes": {"height": "_height", "phase": "_phase"},
+                                                              "split_fractions": {"train": 0.5, "test": 0.5}})
+    s = pair_files(sp)
+    assert sorted(x.name for x in s) == ["scan1", "scan2"] and [p.name for p in s[0].image] == ["scan1_height.tif", "scan1_phase.tif"]
+    ds = load_dataset(sp)
+    assert ds.image.shape == (2, 2, 16, 20) and list(ds.channel.values) == ["height", "phase"]
+    # per-channel percentile scaling: the phase channel is the inverted height
+    assert np.allclose(ds.image.values[0, 0], 1 - ds.image.values[0, 1], atol=1e-5)
+    (tmp_path / "images" / "scan2_phase.tif").unlink()
+    e = err(pair_files, sp)
+    assert "scan2" in e and "missing phase" in e
+
+
+def test_volume_layout(tmp_path):
+    vol = RNG.integers(0, 4000, (12, 10, 8)).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "ct.tif", vol)
+    np.save(tmp_path / "ct_mask.npy", (vol > 2000).astype(np.uint8))
+    sp = spec(tmp_path, modality="XCT", layout={"kind": "volume", "volume_image": "ct.tif", "volume_mask": "ct_mask.npy", "axis": 2})
+    ds = load_dataset(sp)
+    assert ds.image.shape == (8, 1, 12, 10) and list(ds.split.values) == ["train"] * 6 + ["val", "test"]
+    assert np.array_equal(ds.mask.values[3], vol[:, :, 3] > 2000)
+    np.save(tmp_path / "ct_mask.npy", np.zeros((12, 10, 9), np.uint8))
+    assert "must match" in err(pair_files, sp)
+
+
+# ---------------------------------------------------------------- bad input
+def test_size_mismatch_names_both_files(tmp_path):
+    write_pair(tmp_path / "train", tmp_path / "train_annot", "ok", seed=1)
+    write_pair(tmp_path / "train", tmp_path / "train_annot", "big#2", seed=2)
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "train_annot" / "big#2.png")
+    before = sorted(p for p in tmp_path.rglob("*"))
+    e = err(load_dataset, spec(tmp_path))
+    assert "big#2.png" in e and "train_annot" in e and "16x20" in e and "8x8" in e
+    assert sorted(p for p in tmp_path.rglob("*")) == before  # nothing written
+
+
+def test_empty_split_and_missing_root(tmp_path):
+    write_pair(tmp_path / "train", tmp_path / "train_annot", "a")
+    (tmp_path / "val").mkdir(); (tmp_path / "val_annot").mkdir()
+    e = err(pair_files, spec(tmp_path))
+    assert "'val'" in e and "no images" in e and str(tmp_path / "val") in e
+    e = err(pair_files, spec("no/such/dir"), base_dir=tmp_path)
+    assert "'no/such/dir'" in e and "relative to the profile" in e and str(tmp_path) in e
+    e = err(pair_files, spec(tmp_path / "train"))
+    assert "no split folders" in e
+
+
+def test_label_out_of_range_names_file(tmp_path):
+    write_pair(tmp_path / "train", tmp_path / "train_annot", "a")
+    Image.fromarray(np.full((16, 20), 255, np.uint8)).save(tmp_path / "train_annot" / "a.png")
+    e = err(load_dataset, spec(tmp_path))
+    assert "a.png" in e and "255: 320 px" in e
+
+
+def test_corrupt_file_in_dataset(tmp_path):
+    write_pair(tmp_path / "train", tmp_path / "train_annot", "a")
+    (tmp_path / "train" / "b.png").write_bytes(b"not a png")
+    Image.fromarray(np.zeros((16, 20), np.uint8)).save(tmp_path / "train_annot" / "b.png")
+    e = err(load_dataset, spec(tmp_path))
+    assert "b.png" in e and "re-export" in e
+
+
+def test_different_sizes_channels_and_unknown_split(tmp_path):
+    write_pair(tmp_path / "train", tmp_path / "train_annot", "a")
+    write_pair(tmp_path / "train", tmp_path / "train_annot", "b", h=24, w=24)
+    e = err(load_dataset, spec(tmp_path))
+    assert "different sizes" in e and "16x20" in e and "24x24" in e and "crop" in e
+    (tmp_path / "train" / "b.png").unlink(); (tmp_path / "train_annot" / "b.png").unlink()
+    Image.fromarray(np.dstack([grey(), grey(seed=1), grey(seed=2)])).save(tmp_path / "train" / "a.png")
+    e = err(load_dataset, spec(tmp_path))
+    assert "3 channel(s)" in e and "'channels'" in e
+    assert "no split 'val'" in err(load_dataset, spec(tmp_path), splits="val")
+
+
+# ---------------------------------------------------------------- normalisation
+def test_normalize():
+    u8 = np.array([[[0, 51, 255]]], np.uint8)
+    assert np.allclose(normalize(u8), [[[0, 0.2, 1]]]) and normalize(u8).dtype == np.float32
+    ramp = np.arange(101, dtype=np.uint16).reshape(1, 1, 101) * 10
+    assert np.allclose(normalize(ramp, NormSpec(low=10, high=90)), np.clip((ramp.astype(float) - 100) / 800, 0, 1), atol=1e-6)
+    f = np.array([[[-2.0, 0.0, 6.0]]], np.float32)
+    assert np.allclose(normalize(f, NormSpec(kind="minmax")), [[[0, 0.25, 1]]])
+    assert np.array_equal(normalize(f, NormSpec(kind="none")), f)
+    assert np.allclose(normalize(u8, NormSpec(kind="percentile", low=0, high=100)), [[[0, 0.2, 1]]])
+    assert normalize(np.full((2, 3, 3), 5, np.uint16)).max() == 0
+
+
+def test_imagenet_normalize_numpy_and_torch():
+    import torch
+    x = np.full((2, 3, 4, 4), 0.5, np.float32)
+    y = imagenet_normalize(x)
+    assert np.allclose(y[0, :, 0, 0], (0.5 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225]), atol=1e-6)
+    t = imagenet_normalize(torch.full((1, 1, 2, 2), 0.5))
+    assert torch.allclose(t, torch.full_like(t, (0.5 - np.mean([0.485, 0.456, 0.406])) / np.mean([0.229, 0.224, 0.225])))
+
+
+# ---------------------------------------------------------------- tiling
+@pytest.mark.parametrize("length,size,overlap", [(512, 512, 64), (100, 128, 0), (1000, 256, 32), (513, 512, 0),
+                                                 (300, 128, 100), (2048, 512, 64), (37, 8, 7)])
+def test_tile_starts_cover_with_overlap(length, size, overlap):
+    st = tile_starts(length, size, overlap)
+    assert st[0] == 0 and st == sorted(set(st))
+    if length <= size: assert st == [0]
+    else:
+        assert st[-1] == length - size
+        assert all(b - a <= size - overlap for a, b in zip(st, st[1:]))
+
+
+@pytest.mark.parametrize("blend", ["center", "mean"])
+@pytest.mark.parametrize("shape,size,overlap", [((300, 410), 128, 40), ((64, 64), 64, 16), ((50, 70), 96, 8), ((129, 257), 64, 0)])
+def test_stitch_inverts_tile(shape, size, overlap, blend):
+    x = RNG.normal(size=(2, 3, *shape)).astype(np.float32)
+    t, starts = tile(x, size, overlap)
+    assert t.shape[-2:] == (min(size, shape[0]), min(size, shape[1]))
+    np.testing.assert_allclose(stitch(t, starts, shape, blend), x, rtol=0, atol=1e-6)
+
+
+def test_center_blend_keeps_central_predictions():
+    t, starts = tile(np.zeros((1, 100)), 60, 20)  # starts (0,0), (0,40)
+    ids = np.stack([np.full((1, 60), i, float) for i in range(len(starts))])
+    out = stitch(ids, starts, (1, 100))
+    assert out[0, 49] == 0 and out[0, 50] == 1  # the overlap 40..60 is cut in its middle
+    mean = stitch(ids, starts, (1, 100), blend="mean")
+    assert mean[0, 45] == 0.5 and mean[0, 30] == 0
+    assert "overlap" in err(tile_starts, 100, 32, 32)
+
+
+def test_tile_dataset():
+    ds = load_dataset(_sample_spec())
+    td = tile(ds, 256, 0)
+    assert td.image.shape == (32, 1, 256, 256) and td.sizes["sample"] == 4 * ds.sizes["sample"]
+    first = td.isel(sample=3)
+    assert first.source.item() == ds.sample.values[0] and (first.tile_y.item(), first.tile_x.item()) == (256, 256)
+    assert np.array_equal(first.mask.values, ds.mask.values[0, 256:, 256:])
+
+
+# ---------------------------------------------------------------- shipped sample, summaries, CLI
+def _sample_spec():
+    return spec(SAMPLE, classes=SUPER1_CLASSES, mask_encoding=SUPER1_PAL, layout={"mask_suffix": "_mask"})
+
+
+def test_shipped_sample_is_small_attributed_and_loads():
+    files = [p for p in SAMPLE.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) < 5e6
+    assert "Permission is hereby granted" in (SAMPLE / "LICENSE.txt").read_text()
+    att = (SAMPLE / "ATTRIBUTION.md").read_text()
+    assert "f50b568" in att and "Stuckner" in att and "npj" in att
+    ds = load_dataset(_sample_spec())
+    assert ds.image.shape == (8, 1, 512, 512) and ds.image.dtype == np.float32 and ds.mask.dtype == np.uint8
+    assert list(ds.split.values) == ["train"] * 4 + ["val"] * 2 + ["test"] * 2
+    assert json.loads(ds.attrs["classes"]) == SUPER1_CLASSES and ds.attrs["modality"] == "SEM"
+    assert list(ds.file.values)[0].endswith(".png") and isinstance(pair_files(_sample_spec())[0], Sample)
+    img, m = read_sample(pair_files(_sample_spec())[5], _sample_spec())
+    assert np.array_equal(img, ds.image.values[5]) and np.array_equal(m, ds.mask.values[5])
+    sp16 = _sample_spec().model_copy(update={"normalization": NormSpec(kind="minmax")})
+    assert normalize(np.array([[[2, 4]]], np.uint8), sp16).tolist() == [[[0.0, 1.0]]]  # a DatasetSpec's normalization
+    cf = class_fraction(ds)
+    oracle = np.bincount(ds.mask.values[:4].ravel(), minlength=3) / ds.mask.values[:4].size
+    assert np.allclose(cf.sel(split="train").values, oracle) and cf.dims == ("split", "class")
+
+
+def test_shipped_sample_matches_originals(nasa):
+    "The converted sample decodes to exactly the original Super1 images and masks."
+    real = spec(nasa / "Super1", classes=SUPER1_CLASSES, mask_encoding=SUPER1_PAL, layout={"mask_suffix": "_mask"})
+    orig = {s.name: s for s in pair_files(real)}
+    ds = load_dataset(_sample_spec())
+    for name in ds.sample.values:
+        s = orig[name]
+        assert np.array_equal(ds.image.sel(sample=name).values[0], read_image(s.image)[0] / np.float32(255))
+        raw = read_mask(s.mask, rgb=True)
+        assert np.array_equal(ds.mask.sel(sample=name).values, decode_mask(raw, SUPER1_PAL, SUPER1_CLASSES))
+
+
+def test_summarize_shape_and_cli(tmp_path, capsys):
+    from matseg.cli import main
+    prof = load_profile(asset_path("profiles", "sample.json"))
+    s = summarize(prof)
+    (d,) = s["datasets"]
+    assert set(d) == {"name", "modality", "splits", "classes", "class_fraction", "shapes", "dtypes", "channels"}
+    assert d["splits"] == {"train": 4, "val": 2, "test": 2} and d["shapes"] == [[1, 512, 512]] and d["dtypes"] == ["uint8"]
+    assert all(len(v) == 3 and abs(sum(v) - 1) < 1e-5 for v in d["class_fraction"].values())
+    r = run_matseg("data", asset_path("profiles", "sample.json"), "--json")  # the real console script, once
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == json.loads(json.dumps(s))
+    assert main(["data", str(asset_path("profiles", "sample.json"))]) == 0
+    out = capsys.readouterr().out
+    assert "train 4 / val 2 / test 2" in out and "secondary_gamma_prime" in out and "1x512x512" in out
+    bad = json.loads(asset_path("profiles", "sample.json").read_text())
+    bad["datasets"][0]["root"] = "missing_folder"
+    (tmp_path / "p.json").write_text(json.dumps(bad))
+    assert main(["data", str(tmp_path / "p.json")]) == 2
+    e = capsys.readouterr().err
+    assert "missing_folder" in e and str(tmp_path) in e and "Traceback" not in e
+
+
+def test_real_nasa_sets(nasa):
+    t0 = time.perf_counter()
+    s1 = summarize(load_profile(REPO / "profiles/super1.json"))["datasets"][0]
+    elapsed = time.perf_counter() - t0
+    e2 = summarize(load_profile(REPO / "profiles/ebc2.json"))["datasets"][0]
+    assert s1["splits"] == {"train": 10, "val": 4, "test": 4} and len(s1["classes"]) == 3 and s1["shapes"] == [[1, 512, 512]]
+    assert e2["splits"] == {"train": 4, "val": 3, "test": 3} and e2["shapes"] == [[1, 1024, 1024]]
+    crack = [f[2] for f in e2["class_fraction"].values()]
+    assert all(0.0015 < c < 0.005 for c in crack), crack  # ~0.3 % cracks
+    assert 0.01 < s1["class_fraction"]["train"][2] < 0.05 and 0.4 < s1["class_fraction"]["train"][1] < 0.6
+    assert elapsed < 10, f"reading the 18 Super1 images took {elapsed:.1f} s"
