@@ -20,6 +20,10 @@ class MatsegError(Exception):
     "An error caused by user input; the message says what is wrong and how to fix it."
 
 # %% ../nbs/12_core.ipynb #09381329
+def _umask() -> int:
+    "The process umask (read without changing it for long)."
+    m = os.umask(0o022); os.umask(m); return m
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike,  # final destination
                ):
@@ -28,6 +32,7 @@ def atomic_path(path: str | os.PathLike,  # final destination
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results should be as readable as any new file
     try:
         yield Path(tmp)
         os.replace(tmp, path)
