@@ -351,8 +351,10 @@ def run_bench(profile_path: str | Path,  # profile JSON
               device: str = "auto",  # "auto", "cpu", "cuda"
               overrides: list[str] | None = None,  # `--set` overrides
               datasets: list[str] | None = None,  # only these datasets
+              report: bool = True,  # build the feedback report of the best job of each dataset
+              report_images: int = 2,  # test images shown (with heatmaps) in each report
              ) -> dict:
-    "The whole benchmark: one papermill notebook per dataset, then the report."
+    "The whole benchmark: one papermill notebook per dataset, tables, then the feedback reports."
     profile = bench_profile(profile_path, overrides)
     names = [d.name for d in profile.datasets]
     for n in datasets or []:
@@ -367,7 +369,11 @@ def run_bench(profile_path: str | Path,  # profile JSON
             notebooks[n] = nb
         else:
             notebooks[n] = run_notebook(profile_path, n, out_dir, device, overrides)
-    return {"notebooks": notebooks, **write_report(out_dir, [d.name for d in profile.datasets])}
+    out = {"notebooks": notebooks, **write_report(out_dir, [d.name for d in profile.datasets])}
+    if report:
+        from matseg.report import report_best_jobs
+        out["reports"] = report_best_jobs(out_dir, profile, n_images=report_images, device=device)
+    return out
 
 def cli_bench(argv: list[str] | None = None,  # arguments after `matseg bench`
              ) -> int:
@@ -381,13 +387,16 @@ def cli_bench(argv: list[str] | None = None,  # arguments after `matseg bench`
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a profile value, e.g. --set training.max_epochs=2 (repeatable)")
     ap.add_argument("--datasets", nargs="+", metavar="NAME", help="only these datasets")
+    ap.add_argument("--no-report", action="store_true", help="skip the feedback report (masks, OOD QC, heatmaps)")
+    ap.add_argument("--report-images", type=int, default=2, help="test images (with heatmaps) per report")
     a = ap.parse_args(argv)
-    out = run_bench(a.profile, a.out, a.device, a.overrides, a.datasets)
+    out = run_bench(a.profile, a.out, a.device, a.overrides, a.datasets, not a.no_report, a.report_images)
     tables = Path(a.out) / "tables"
     print((tables / "recommendations.md").read_text())
     print(f"notebooks: {', '.join(str(p) for p in out['notebooks'].values())}")
     print(f"results:   {out['nc']}  {out['csv']}\ntables:    {tables}/ (all_combinations, best_per_dataset, "
           f"recommendations, iou_heatmap.html)")
+    for p in out.get("reports", []): print(f"report:    {p}")
     return 0
 
 # %% ../nbs/06_benchmark.ipynb #4956c57c

@@ -99,7 +99,8 @@ def bench_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bench")
     prof = write_toy_profile(tmp)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    p = run_matseg("bench", prof, "--out", tmp / "run", "--device", "cpu", "--set", "training.max_epochs=2", timeout=300)
+    p = run_matseg("bench", prof, "--out", tmp / "run", "--device", "cpu", "--set", "training.max_epochs=2",
+                   "--report-images", "1", timeout=600)
     return tmp, prof, p
 
 
@@ -130,6 +131,9 @@ def test_bench_cli_end_to_end(bench_run):
     from matseg.profile import load_profile
     used = load_profile(out / "profile.json")  # the effective profile, loadable from the run folder
     assert used.training.max_epochs == 2 and used.dataset_root("toy") == (tmp / "data").resolve()
+    rep = json.loads((out / "toy" / "report" / "report.json").read_text())  # feedback report of the best job
+    assert rep["job"]["dataset"] == "toy" and rep["job"]["id"].startswith("toy__")
+    assert "report.html" in p.stdout and (out / "toy" / "report" / "report.html").stat().st_size > 0
 
 
 def test_bench_rerun_skips_finished(bench_run):
@@ -139,7 +143,7 @@ def test_bench_rerun_skips_finished(bench_run):
     nb = tmp / "run" / "toy" / "benchmark.ipynb"
     before = res.stat().st_mtime_ns, nb.stat().st_mtime_ns
     q = run_matseg("bench", prof, "--out", tmp / "run", "--device", "cpu", "--set", "training.max_epochs=2",
-                   "--datasets", "toy", timeout=300)
+                   "--datasets", "toy", "--no-report", timeout=300)
     assert q.returncode == 0, q.stderr[-3000:]
     assert "skipped" in q.stdout and (res.stat().st_mtime_ns, nb.stat().st_mtime_ns) == before
     assert len(pd.read_csv(tmp / "run" / "results.csv")) == 4
