@@ -19,7 +19,7 @@ from .core import MatsegError, atomic_path, atomic_write_json, atomic_write_text
 # %% auto #0
 __all__ = ['PRDC_NAMES', 'DETECTORS', 'knn_radii', 'prdc_statistics', 'GMMDetector', 'OCSVMDetector', 'KDEDetector',
            'make_detector', 'nearest_index', 'Forte', 'evaluate_ood', 'readiness', 'encoder_features',
-           'model_fingerprint', 'hf_features', 'mask_features', 'FeatureCache', 'tile_images', 'cli_ood']
+           'model_fingerprint', 'hf_features', 'mask_features', 'FeatureCache', 'auto_k', 'tile_images', 'cli_ood']
 
 # %% ../nbs/07_ood.ipynb #e6741e4c
 def _as_points(x, name: str = "features") -> np.ndarray:
@@ -492,6 +492,16 @@ class FeatureCache:
                 new[i] = row
         return np.stack([new[i] if i in new else np.load(p) for i, p in enumerate(paths)])
 
+# %% ../nbs/07_ood.ipynb #587c6450
+def auto_k(n_points: int,  # ID feature points (crops)
+           n_images: int,  # ID images they came from
+          ) -> int:
+    "k for Forte: the paper's 5 for one point per image; with crops, 2 x crops per image + 1, capped so half the other images can fill a neighbourhood."
+    per = max(1, round(n_points / max(1, n_images)))
+    if per == 1: return 5
+    cap = max(5, (n_images // 2 - 1) * per // 2)  # each 50/50 half holds n_images//2 images; own image excluded
+    return min(2 * per + 1, cap)
+
 # %% ../nbs/07_ood.ipynb #81828601
 def tile_images(images, # (N, C, H, W) array or list of (C, H, W) arrays of any sizes
                 size: int = 256, # crop size; 0 or larger than an image: the whole image
@@ -542,8 +552,10 @@ def cli_ood(argv: list[str] | None = None, # command-line arguments after `matse
     ap.add_argument("--id", required=True, help="ID data: DATASET[:SPLIT[,SPLIT]] (default split: train)")
     ap.add_argument("--test", required=True, help="test data: DATASET[:SPLIT] (default split: test) or an image file/folder")
     ap.add_argument("--detector", default="gmm", choices=list(DETECTORS))
-    ap.add_argument("--mode", default="batch", choices=["batch", "single"])
-    ap.add_argument("--k", type=int, default=5, help="nearest neighbours (default 5)")
+    ap.add_argument("--mode", default="single", choices=["batch", "single"],
+                    help="single (default): each image scored on its own, as in deployment; batch: the paper's query-set radii")
+    ap.add_argument("--k", type=int, default=None, help="nearest neighbours; default: 5 (the paper) for whole images, "
+                    "2 x crops per image + 1 for crops, so neighbourhoods reach beyond one image's own crops")
     ap.add_argument("--tile", type=int, default=256, help="crop size in pixels; 0 = whole images (default 256)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
@@ -571,7 +583,8 @@ def cli_ood(argv: list[str] | None = None, # command-line arguments after `matse
 
     Fi, gi, _ = embed(id_imgs)
     Ft, gt, pt = embed(te_imgs)
-    forte = Forte(a.detector, k=a.k, seed=a.seed).fit(Fi, groups=gi)
+    k = a.k or auto_k(len(Fi), len(id_imgs))
+    forte = Forte(a.detector, k=k, seed=a.seed).fit(Fi, groups=gi)
     st = forte.score(Ft, a.mode)
     m = evaluate_ood(forte.id_scores_, st, forte.threshold_)
     rd = readiness(m, profile.task.deployment_threshold)
@@ -585,7 +598,7 @@ def cli_ood(argv: list[str] | None = None, # command-line arguments after `matse
         rows.append(f'"{name}",{s.mean():.6g},{(s >= forte.threshold_).mean():.4g},{len(s)},{int(s.mean() >= forte.threshold_)}')
     atomic_write_text(out / "scores.csv", "\n".join(rows) + "\n")
     summary = dict(auroc=m["auroc"], fpr95=m["fpr95"], auprc=m["auprc"], f1=m["f1"], precision=m["precision"],
-                   threshold=forte.threshold_, ready=rd["ready"], detector=a.detector, mode=a.mode, k=a.k,
+                   threshold=forte.threshold_, ready=rd["ready"], detector=a.detector, mode=a.mode, k=k,
                    required_auroc=rd["required_auroc"], max_f1=m["max_f1"], unit=f"tile{a.tile}" if a.tile else "image",
                    n_id_points=len(Fi), n_id_heldout=m["n_id"], n_test_points=m["n_test"],
                    id=a.id, test=a.test, checkpoint=str(a.checkpoint))

@@ -12,7 +12,7 @@ from scipy.stats import spearmanr
 from matseg.core import MatsegError
 from matseg.ood import (DETECTORS, FeatureCache, Forte, encoder_features, evaluate_ood, hf_features, knn_radii,
                         make_detector, mask_features, model_fingerprint, nearest_index, prdc_statistics, readiness,
-                        tile_images)
+                        tile_images, auto_k)
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared/data/nasa-pmm"
 
@@ -244,8 +244,57 @@ def test_cli_ood_help():
     assert e.value.code == 0
 
 
-@pytest.mark.skipif(importlib.util.find_spec("matseg.models") is None or importlib.util.find_spec("matseg.data") is None,
-                    reason="matseg.models / matseg.data not written yet: CLI end-to-end test pending")
-def test_cli_ood_end_to_end(tmp_path):
-    pytest.skip("TODO: end-to-end once models.save_checkpoint and data.load_dataset exist")
-    json  # noqa: B018
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    "A 1-channel Unet-resnet18 checkpoint (random init) for the CLI."
+    from matseg.models import build_model, save_checkpoint
+    d = tmp_path_factory.mktemp("ck")
+    model = build_model("resnet18", "unet", in_channels=1, classes=3, weights="none")
+    return save_checkpoint(d / "checkpoint.safetensors", model, {"class_names": ["a", "b", "c"]})
+
+
+def _write_far_images(folder: Path, n: int = 4) -> Path:
+    "A folder of XCT-like slices (grey PNG) — far from SEM superalloy micrographs."
+    from PIL import Image
+    from matseg.synth import make_xct_volume
+    vol, _ = make_xct_volume((n, 128, 128), seed=3)
+    folder.mkdir(parents=True)
+    for i, sl in enumerate(vol):
+        sl = (255 * (sl - sl.min()) / (np.ptp(sl) + 1e-9)).astype(np.uint8)
+        Image.fromarray(sl).save(folder / f"slice#{i}.png")
+    return folder
+
+
+def test_cli_ood_end_to_end(tmp_path, tiny_checkpoint):
+    from conftest import run_matseg
+    from matseg.core import asset_path
+    far = _write_far_images(tmp_path / "far")
+    prof = asset_path("profiles", "sample.json")
+    r = run_matseg("ood", tiny_checkpoint, "--profile", prof, "--id", "super1-sample:train,val", "--test", far,
+                   "--tile", "128", "--out", tmp_path / "out")
+    assert r.returncode == 0, r.stderr[-2000:]
+    summ = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert {"auroc", "fpr95", "auprc", "f1", "precision", "threshold", "ready", "detector"} <= set(summ)
+    assert 0 <= summ["auroc"] <= 1 and isinstance(summ["ready"], bool) and summ["detector"] == "gmm"
+    assert summ["ready"] == (summ["auroc"] > 0.95)
+    assert summ["k"] == auto_k(16 * 6, 6) == 16  # 16 crops of 128² per 512² image, 6 ID images
+    rows = (tmp_path / "out" / "scores.csv").read_text().splitlines()
+    assert len(rows) == 1 + 4 and "slice#0.png" in rows[1]  # one row per test image, names kept verbatim
+    assert "AUROC" in r.stdout
+
+
+def test_cli_ood_too_few_id_images(tmp_path, tiny_checkpoint):
+    from conftest import run_matseg
+    from matseg.core import asset_path
+    r = run_matseg("ood", tiny_checkpoint, "--profile", asset_path("profiles", "sample.json"), "--id", "super1-sample:val",
+                   "--test", "super1-sample:test", "--tile", "0", "--out", tmp_path / "out")
+    assert r.returncode == 2 and "needs at least" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "out" / "summary.json").exists()  # nothing half-written
+
+
+def test_cli_ood_missing_checkpoint(tmp_path):
+    from conftest import run_matseg
+    from matseg.core import asset_path
+    r = run_matseg("ood", tmp_path / "nope.safetensors", "--profile", asset_path("profiles", "sample.json"),
+                   "--id", "super1-sample", "--test", "super1-sample:test", "--out", tmp_path / "out")
+    assert r.returncode == 2 and "nope.safetensors" in r.stderr
