@@ -14,6 +14,6 @@ want=$(cat setup.py constraints.txt settings.ini | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "matseg setup: installing pinned dependencies (first run: several minutes, torch is large)"
   .venv/bin/python -m pip install -q --upgrade "pip>=24"
-  .venv/bin/python -m pip install -q -c constraints.txt -e ".[dev,lite0]"
+  .venv/bin/python -m pip install -q -c constraints.txt -e ".[dev,lite0,browser]"
   echo "$want" > "$stamp"
 fi

@@ -7,8 +7,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+bash scripts/browser_setup.sh   # Debian chromium for the real-browser test (apt, as root)
 export PATH="$PWD/.venv/bin:$PATH"
-export MPLBACKEND=Agg PYTHONHASHSEED=0 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+export MPLBACKEND=Agg PYTHONHASHSEED=0
+# one BLAS/torch thread per process: nbdev_test runs 2 notebooks at once (and papermill kernels inside them)
+# on 2 cores; more threads oversubscribe the machine and run several times slower
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
 
 echo "== 1/5 matseg/ equals nbdev_export of nbs/"
