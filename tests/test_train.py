@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 import matseg.train as T
+from conftest import write_toy_dataset
 from matseg.core import MatsegError
 from matseg.profile import compile_profile, load_profile
 
@@ -20,23 +21,6 @@ def _one_thread():
     n = torch.get_num_threads(); torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def write_toy_dataset(root: Path, n=(4, 2, 2), size=64, seed=0) -> Path:
-    "Synthetic index-mask dataset on disk: train/ train_annot/ val/ ... with discs (1) and a band (2)."
-    rng = np.random.default_rng(seed); yy, xx = np.mgrid[:size, :size]; k = 0
-    for split, count in zip(("train", "val", "test"), n):
-        (root / split).mkdir(parents=True, exist_ok=True); (root / f"{split}_annot").mkdir(exist_ok=True)
-        for _ in range(count):
-            m = np.zeros((size, size), np.uint8)
-            for _ in range(3):
-                cy, cx = rng.integers(8, size - 8, 2); r = rng.integers(4, 9)
-                m[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = 1
-            b = rng.integers(0, size - 6); m[b:b + 5] = 2
-            img = np.where(m == 1, 200, np.where(m == 2, 30, 110)) + rng.normal(0, 12, m.shape)
-            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / split / f"img #{k}.png")
-            Image.fromarray(m).save(root / f"{split}_annot" / f"img #{k}.png"); k += 1
-    return root
 
 
 def write_toy_profile(tmp: Path, decoders=("unet",), seeds=(0,), **training) -> Path:
