@@ -656,8 +656,7 @@ class CounterfactualExplorer:
         fig = go.FigureWidget()
         fig.add_trace(go.Heatmap(z=show, colorscale="gray", showscale=False, name="image", hoverinfo="skip"))
         fig.add_trace(go.Heatmap(z=self.pred, colorscale=mask_colorscale(cols), zmin=-0.5, zmax=len(cols) - 0.5, opacity=0.35,
-                                 showscale=False, name="prediction", customdata=np.asarray(self.classes, dtype=object)[self.pred],
-                                 hovertemplate="x %{x} y %{y}: %{customdata}<extra></extra>"))
+                                 showscale=False, name="prediction", hoverinfo="skip"))
         fig.add_trace(go.Heatmap(z=np.full((H, W_), np.nan), colorscale="Inferno", opacity=0.6, name="influence", visible=False,
                                  colorbar=dict(title="influence")))
         fig.add_trace(go.Contour(z=np.zeros((H, W_)), showscale=False, contours=dict(start=0.5, end=0.5, coloring="none"),
@@ -667,7 +666,9 @@ class CounterfactualExplorer:
         fig.add_trace(go.Scatter(x=gx.ravel(), y=gy.ravel(), mode="markers", marker=dict(opacity=0, size=4), name="select",
                                  hoverinfo="skip", showlegend=False))
         fig.update_yaxes(autorange="reversed", scaleanchor="x", constrain="domain"); fig.update_xaxes(constrain="domain")
-        fig.update_layout(dragmode="select", height=480, margin=dict(l=10, r=10, t=30, b=10), showlegend=False,
+        # no hover events: FigureWidget sends every hover to the kernel on the same trait as selections, and a hover
+        # right after the mouse-up can overwrite the selection before a busy kernel reads it (the box is then lost)
+        fig.update_layout(dragmode="select", hovermode=False, height=480, margin=dict(l=10, r=10, t=30, b=10), showlegend=False,
                           title="drag a box or lasso to mark region A")
         fig.data[4].on_selection(self._on_selection)
         self.figure = fig
