@@ -2,6 +2,7 @@
 """Build matseg's documentation as a static, offline site (Quarto / `nbdev_docs` need the network).
 
     python scripts/build_docs.py [--no-execute] [--out site/] [--nbs nbs/] [--timeout 600]
+    python scripts/build_docs.py --record tutorials/ood_quality_control.ipynb   # full run, kept in docs/executed/
 
 * one HTML page per notebook of `nbs/` (nbconvert, lab template), in `nbs/sidebar.yml` order
   (notebooks it does not list follow by name). By default the notebooks are executed in a temporary
@@ -13,6 +14,9 @@
   and are replaced by a note.
 * one API page per module of the library with the signature, docstring and documented parameters
   (nbdev docments) of every exported function and class;
+* notebooks recorded with `--record` (every cell run by papermill, `#| slow` ones included, kept in
+  `docs/executed/` with the hash of the source they ran) are shown as recorded instead of executed,
+  as long as the notebook has not changed since; a stale recording is ignored (and said so);
 * `index.html` with the navigation. Exit status 1 when a notebook failed to execute (its page is
   still written, with the error at the top and outputs up to the failing cell).
 """
@@ -29,7 +33,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -47,9 +50,13 @@ def settings(repo: Path = REPO) -> dict:
     return dict(cp["DEFAULT"])
 
 
+def _rel(p: Path, nbs: Path) -> str: return p.relative_to(nbs).as_posix()
+
+
 def notebook_order(nbs: Path) -> list[Path]:
-    "Notebooks of `nbs` in sidebar.yml order, then any others by name (files starting with '_' or '.' skipped)."
-    found = {p.name: p for p in sorted(nbs.glob("*.ipynb")) if not p.name.startswith(("_", "."))}
+    "Notebooks of `nbs` and its sub-folders (tutorials/) in sidebar.yml order, then any others by path ('_'/'.' names skipped)."
+    found = {_rel(p, nbs): p for p in sorted(nbs.rglob("*.ipynb"))
+             if not any(part.startswith(("_", ".")) for part in p.relative_to(nbs).parts)}
     listed: list[str] = []
     sb = nbs / "sidebar.yml"
     if sb.is_file():
@@ -57,11 +64,60 @@ def notebook_order(nbs: Path) -> list[Path]:
 
         def walk(items):
             for it in items or []:
-                if isinstance(it, str): listed.append(Path(it).name)
+                if isinstance(it, str): listed.append(Path(it).as_posix())
                 elif isinstance(it, dict): walk(it.get("contents") or ([it["href"]] if "href" in it else []))
         walk(((yaml.safe_load(sb.read_text()) or {}).get("website", {}).get("sidebar", {}) or {}).get("contents"))
     order = [found[n] for n in dict.fromkeys(listed) if n in found]
     return order + [p for n, p in found.items() if p not in order]
+
+
+def page_name(p: Path, nbs: Path) -> str:
+    "Flat HTML file name of a notebook: `tutorials/ood.ipynb` -> `tutorials-ood.html`."
+    return _rel(p, nbs).removesuffix(".ipynb").replace("/", "-") + ".html"
+
+
+def source_hash(nb: nbformat.NotebookNode) -> str:
+    "sha256 of a notebook's cell types and sources (outputs and metadata ignored): what a recording was made from."
+    import hashlib
+    return hashlib.sha256(json.dumps([(c.cell_type, c.source) for c in nb.cells]).encode()).hexdigest()
+
+
+def recording_path(p: Path, nbs: Path, recorded: Path) -> Path:
+    "Where the full (slow cells included) execution of notebook `p` is kept."
+    return recorded / (_rel(p, nbs).replace("/", "-"))
+
+
+def record(p: Path, nbs: Path = REPO / "nbs", recorded: Path = REPO / "docs" / "executed", timeout: int = 7200, log=print) -> Path:
+    "Execute every cell of notebook `p` (slow ones too) with papermill in its own folder; keep it, with its source hash, in `recorded`."
+    import platform
+    import papermill as pm
+    p = Path(p).resolve(); nbs = Path(nbs).resolve()
+    src = nbformat.read(p, as_version=4)
+    os.environ.setdefault("PLOTLY_RENDERER", "plotly_mimetype"); os.environ.setdefault("MPLBACKEND", "Agg")
+    dest = recording_path(p, nbs, Path(recorded)); dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".partial-{dest.name}")
+    t0 = time.time()
+    pm.execute_notebook(str(p), str(tmp), cwd=str(p.parent), kernel_name="python3", progress_bar=False,
+                        execution_timeout=timeout, log_output=False)
+    nb = nbformat.read(tmp, as_version=4)
+    nb.metadata.pop("widgets", None)
+    nb.metadata["matseg"] = {"source": _rel(p, nbs), "source_sha256": source_hash(src), "seconds": round(time.time() - t0, 1),
+                             "recorded": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
+                             "command": f"python scripts/build_docs.py --record {_rel(p, nbs)}"}
+    nbformat.write(nb, tmp); os.replace(tmp, dest)
+    log(f"recorded {_rel(p, nbs)} -> {dest} ({nb.metadata['matseg']['seconds']}s)")
+    return dest
+
+
+def load_recording(p: Path, nbs: Path, recorded: Path | None):
+    "The recorded execution of `p` if there is one made from the current source; else None (and why)."
+    if recorded is None: return None, "no recordings folder"
+    r = recording_path(p, nbs, recorded)
+    if not r.is_file(): return None, "not recorded"
+    nb = nbformat.read(r, as_version=4)
+    if nb.metadata.get("matseg", {}).get("source_sha256") != source_hash(nbformat.read(p, as_version=4)):
+        return None, f"stale recording {r.name} (the notebook changed since; rerun --record)"
+    return nb, None
 
 
 def _cell_flags(source: str) -> list[tuple[str, str]]:
@@ -137,6 +193,7 @@ main.matseg-main { margin-left: 250px; padding: 16px 24px; max-width: 1100px; }
 .matseg-api h3 code { font-size: 1.05em; } .matseg-api pre { background: #f7f7f7; padding: 6px; overflow-x: auto; }
 .matseg-api table { border-collapse: collapse; } .matseg-api td, .matseg-api th { border: 1px solid #ddd; padding: 2px 6px; }
 .matseg-exec-error { border: 1px solid #c22; background: #fee; padding: 6px; white-space: pre-wrap; }
+.matseg-recorded { border-left: 3px solid #2a7; background: #efe; padding: 4px 8px; font-size: 90%; }
 """
 
 
@@ -242,8 +299,9 @@ def api_html(module_name: str) -> tuple[str, list[str]]:
     return "".join(parts) + "</div>", names
 
 
-def build(out: Path, nbs: Path = REPO / "nbs", execute: bool = True, timeout: int = 600, log=print) -> dict:
-    "Build the site into `out`; return a summary {pages, api, failed}."
+def build(out: Path, nbs: Path = REPO / "nbs", execute: bool = True, timeout: int = 600, log=print,
+          recorded: Path | None = REPO / "docs" / "executed") -> dict:
+    "Build the site into `out`; return a summary {pages, api, failed, recorded}."
     os.environ.setdefault("PLOTLY_RENDERER", "plotly_mimetype")  # kernels emit figure JSON, rendered offline by the site
     os.environ.setdefault("MPLBACKEND", "Agg")
     cfg = settings(nbs.parent)
@@ -256,26 +314,31 @@ def build(out: Path, nbs: Path = REPO / "nbs", execute: bool = True, timeout: in
     (out / "matseg-site.css").write_text(_CSS)
     if str(nbs.parent) not in sys.path: sys.path.insert(0, str(nbs.parent))
     order = notebook_order(nbs)
-    nbooks, failed = [], {}
-    with tempfile.TemporaryDirectory(prefix="matseg-docs-") as tmp:
-        work = Path(tmp) / "nbs"
-        shutil.copytree(nbs, work, ignore=shutil.ignore_patterns(".ipynb_checkpoints", "_docs", "_proc"))
-        for p in order:
-            t0 = time.time()
-            if execute:
-                nb, err = execute_notebook(work / p.name, work, flags, timeout)
-                if err:
-                    failed[p.name] = err
-                    nb.cells.insert(0, nbformat.v4.new_markdown_cell(
-                        f"<div class='matseg-exec-error'>This notebook failed to execute while building the docs:\n\n"
-                        f"{html.escape(_ANSI.sub('', err)[-3000:])}</div>"))
-            else:
-                nb = nbformat.read(p, as_version=4)
-            title = notebook_title(nb, p.stem)
-            nbooks.append(dict(src=p, nb=nb, title=f"{p.stem.split('_')[0]} · {title}" if p.stem[:2].isdigit() else title,
-                               href=p.with_suffix(".html").name, module=_default_exp(nb)))
-            log(f"{'executed' if execute and p.name not in failed else 'read'} {p.name} ({time.time() - t0:.1f}s)"
-                + (" FAILED" if p.name in failed else ""))
+    nbooks, failed, used = [], {}, []
+    for p in order:
+        t0 = time.time()
+        rel = _rel(p, nbs)
+        nb, why = load_recording(p, nbs, recorded)
+        if nb is not None:
+            used.append(rel); how = f"recorded {nb.metadata['matseg'].get('recorded', '')}"
+            nb.cells.insert(1, nbformat.v4.new_markdown_cell(
+                f"<div class='matseg-recorded'>Outputs of a full run (slow cells included) recorded "
+                f"{html.escape(nb.metadata['matseg'].get('recorded', '?'))} on {html.escape(nb.metadata['matseg'].get('machine', '?'))} "
+                f"in {nb.metadata['matseg'].get('seconds', '?')} s.</div>"))
+        elif execute:  # in the notebook's own folder, like nbdev_test: relative paths (../../profiles) resolve
+            nb, err = execute_notebook(p, p.parent, flags, timeout)
+            how = "executed" + (f"; {why}" if why and why.startswith("stale") else "")
+            if err:
+                failed[rel] = err
+                nb.cells.insert(0, nbformat.v4.new_markdown_cell(
+                    f"<div class='matseg-exec-error'>This notebook failed to execute while building the docs:\n\n"
+                    f"{html.escape(_ANSI.sub('', err)[-3000:])}</div>"))
+        else:
+            nb, how = nbformat.read(p, as_version=4), "read"
+        title = notebook_title(nb, p.stem)
+        nbooks.append(dict(src=p, nb=nb, title=f"{p.stem.split('_')[0]} · {title}" if p.stem[:2].isdigit() else title,
+                           href=page_name(p, nbs), module=_default_exp(nb)))
+        log(f"{how} {rel} ({time.time() - t0:.1f}s)" + (" FAILED" if rel in failed else ""))
     mods = sorted({n["module"] for n in nbooks if n["module"]}
                   | {f.stem for f in (nbs.parent / lib).glob("*.py") if not f.stem.startswith("_")})
     site = dict(title=cfg.get("title", lib), pages=nbooks,
@@ -299,7 +362,7 @@ def build(out: Path, nbs: Path = REPO / "nbs", execute: bool = True, timeout: in
     (out / "index.html").write_text(wrap_page(index, site, "index.html"), encoding="utf-8")
     log(f"site: {out / 'index.html'} ({len(nbooks)} notebooks, {len(site['api'])} API pages"
         + (f"; {len(failed)} failed: {', '.join(failed)}" if failed else "") + ")")
-    return dict(pages=[n["href"] for n in nbooks], api=[a["href"] for a in site["api"]], failed=failed)
+    return dict(pages=[n["href"] for n in nbooks], api=[a["href"] for a in site["api"]], failed=failed, recorded=used)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -311,8 +374,16 @@ def main(argv: list[str] | None = None) -> int:
                     help="execute the fast cells of every notebook first (default)")
     ex.add_argument("--no-execute", dest="execute", action="store_false", help="convert the notebooks as committed")
     ap.add_argument("--timeout", type=int, default=600, help="seconds per cell when executing")
+    ap.add_argument("--recorded", default=str(REPO / "docs" / "executed"),
+                    help="folder of full recorded runs used instead of executing, when made from the current source")
+    ap.add_argument("--record", nargs="+", metavar="NOTEBOOK",
+                    help="instead of building: run these notebooks (paths relative to --nbs) completely, slow cells "
+                         "included, with papermill, and keep them in --recorded for the site")
     a = ap.parse_args(argv)
-    res = build(Path(a.out), Path(a.nbs), a.execute, a.timeout)
+    if a.record:
+        for rel in a.record: record(Path(a.nbs) / rel, Path(a.nbs), Path(a.recorded), timeout=max(a.timeout, 7200))
+        return 0
+    res = build(Path(a.out), Path(a.nbs), a.execute, a.timeout, recorded=Path(a.recorded))
     return 1 if res["failed"] else 0
 
 

@@ -30,9 +30,11 @@ def site(tmp_path_factory):
 
 def test_every_notebook_and_module_has_a_page(site):
     out, res = site
-    nbs = [p for p in sorted((REPO / "nbs").glob("*.ipynb")) if not p.name.startswith("_")]
+    nbs = build_docs.notebook_order(REPO / "nbs")
+    assert {"tutorials-benchmark_real_data.html", "tutorials-ood_quality_control.html", "tutorials-bring_your_own_data.html",
+            "tutorials-counterfactual_explanations.html", "index.html", "00_profile.html"} <= set(res["pages"])
     for p in nbs:
-        html = (out / p.with_suffix(".html").name).read_text()
+        html = (out / build_docs.page_name(p, REPO / "nbs")).read_text()
         title = build_docs.notebook_title(nbformat.read(p, as_version=4), p.stem)
         assert re.sub(r"[^\w ]", "", title) in re.sub(r"<[^>]+>|[^\w <>]", "", html), (p.name, title)
         assert 'src="plotly.min.js"' in html and "matseg-nav" in html and "require.min.js" not in html
@@ -40,7 +42,7 @@ def test_every_notebook_and_module_has_a_page(site):
     assert {f"api_{m}.html" for m in mods} <= set(res["api"])
     assert (out / "plotly.min.js").stat().st_size > 1_000_000
     index = (out / "index.html").read_text()
-    for p in nbs: assert p.with_suffix(".html").name in index
+    for p in nbs: assert build_docs.page_name(p, REPO / "nbs") in index
     assert not res["failed"], res["failed"]
 
 
@@ -58,8 +60,12 @@ def test_api_pages_show_signatures_and_parameter_docs(site):
 
 
 def test_sidebar_order_and_config_files():
-    order = [p.name for p in build_docs.notebook_order(REPO / "nbs")]
-    assert order == sorted(order, key=lambda n: (n != "index.ipynb", n))
+    import yaml
+    order = [p.relative_to(REPO / "nbs").as_posix() for p in build_docs.notebook_order(REPO / "nbs")]
+    side = yaml.safe_load((REPO / "nbs" / "sidebar.yml").read_text())["website"]["sidebar"]["contents"]
+    listed = [c for c in side if isinstance(c, str)] + [c for d in side if isinstance(d, dict) for c in d["contents"]]
+    assert order == listed  # every notebook is in the sidebar, in its order (numbered modules, then tutorials)
+    assert order[0] == "index.ipynb" and order[1:14] == sorted(order[1:14]) and order[-1].startswith("tutorials/")
     import yaml
     q = yaml.safe_load((REPO / "nbs" / "_quarto.yml").read_text())
     for f in q["metadata-files"]: assert (REPO / "nbs" / f).is_file(), f
@@ -96,3 +102,27 @@ def test_cli_no_execute(tmp_path):
     assert build_docs.main(["--no-execute", "--nbs", str(tmp_path / "nbs"), "--out", str(tmp_path / "s")]) == 0
     assert "00_only.html" in (tmp_path / "s" / "index.html").read_text() and "ZeroDivisionError" not in (tmp_path / "s" / "00_only.html").read_text()
     assert build_docs.main(["--nbs", str(tmp_path / "nbs"), "--out", str(tmp_path / "s2")]) == 1  # executes by default: fails
+
+
+def test_recorded_full_run_is_shown_until_the_notebook_changes(tmp_path):
+    "--record runs slow cells too (papermill) and the site shows that run; after an edit the recording is stale."
+    nbs = tmp_path / "nbs"; (nbs / "tutorials").mkdir(parents=True)
+    shutil.copy(REPO / "settings.ini", tmp_path / "settings.ini")
+    nb = _nb(["md:# Slow study\n\n> long", "x = 6 * 7", "#| slow\nprint(f'slow result {x}')"])
+    path = nbs / "tutorials" / "study.ipynb"; nbformat.write(nb, path)
+    rec = tmp_path / "executed"
+    assert build_docs.main(["--nbs", str(nbs), "--recorded", str(rec), "--record", "tutorials/study.ipynb"]) == 0
+    kept = rec / "tutorials-study.ipynb"
+    meta = nbformat.read(kept, as_version=4).metadata["matseg"]
+    assert meta["source"] == "tutorials/study.ipynb" and meta["source_sha256"] == build_docs.source_hash(nb)
+    assert not list(rec.glob(".partial*")) and nbformat.read(path, as_version=4).cells[2].outputs == []  # source untouched
+    res = build_docs.build(tmp_path / "site", nbs, execute=True, log=lambda *a: None, recorded=rec)
+    assert res["recorded"] == ["tutorials/study.ipynb"] and res["pages"] == ["tutorials-study.html"]
+    html = (tmp_path / "site" / "tutorials-study.html").read_text()
+    assert "slow result 42" in html and "matseg-recorded" in html
+    nb.cells[1].source = "x = 7 * 7"; nbformat.write(nb, path)  # edited: the recording no longer describes it
+    logs = []
+    res = build_docs.build(tmp_path / "site2", nbs, execute=True, log=logs.append, recorded=rec)
+    assert res["recorded"] == [] and any("stale recording" in m for m in logs)
+    html = (tmp_path / "site2" / "tutorials-study.html").read_text()
+    assert "slow result 4" not in html and "matseg-recorded" not in html  # executed now: the slow cell is skipped
