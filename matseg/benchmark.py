@@ -369,7 +369,7 @@ def run_bench(profile_path: str | Path,  # profile JSON
             notebooks[n] = nb
         else:
             notebooks[n] = run_notebook(profile_path, n, out_dir, device, overrides)
-    out = {"notebooks": notebooks, **write_report(out_dir, [d.name for d in profile.datasets])}
+    out = {"notebooks": notebooks, **write_report(out_dir)}  # every dataset finished in this folder, not only this profile's
     if report:
         from matseg.report import report_best_jobs
         out["reports"] = report_best_jobs(out_dir, profile, n_images=report_images, device=device)

@@ -125,10 +125,18 @@ def test_bench_rerun_skips_finished(bench_run):
     res = tmp / "run" / "toy" / "toy__resnet18__unet__s0" / "result.json"
     nb = tmp / "run" / "toy" / "benchmark.ipynb"
     before = res.stat().st_mtime_ns, nb.stat().st_mtime_ns
+    other = tmp / "run" / "other" / "other__resnet18__unet__s0"  # a dataset of another profile run into the same folder
+    other.mkdir(parents=True)
+    (other / "result.json").write_text(json.dumps({**fake_result("other", "resnet18", "unet", 0, 0.5, 0.4), "classes": CLASSES}))
     q = run_matseg("bench", prof, "--out", tmp / "run", "--device", "cpu", "--set", "training.max_epochs=2",
                    "--datasets", "toy", "--no-report", timeout=300)
     assert q.returncode == 0, q.stderr[-3000:]
     assert "skipped" in q.stdout and (res.stat().st_mtime_ns, nb.stat().st_mtime_ns) == before
+    df = pd.read_csv(tmp / "run" / "results.csv")  # the folder's tables keep every dataset finished there
+    assert len(df) == 6 and set(df.dataset) == {"toy", "other"}
+    assert "other" in (tmp / "run" / "tables" / "best_per_dataset.md").read_text()
+    import shutil
+    shutil.rmtree(other.parent); B.write_report(tmp / "run")  # leave the shared run as the other tests expect it
     assert len(pd.read_csv(tmp / "run" / "results.csv")) == 4
 
 
