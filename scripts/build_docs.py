@@ -4,9 +4,9 @@
     python scripts/build_docs.py [--no-execute] [--out site/] [--nbs nbs/] [--timeout 600]
     python scripts/build_docs.py --record tutorials/ood_quality_control.ipynb   # full run, kept in docs/executed/
 
-* one HTML page per notebook of `nbs/` (nbconvert, lab template), in `nbs/sidebar.yml` order
-  (notebooks it does not list follow by name). By default the notebooks are executed in a temporary
-  copy of `nbs/` first — cells flagged `#| slow`, `#| gpu`, `#| browser` (settings.ini `tst_flags`)
+* one HTML page per notebook of `nbs/` and its sub-folders (nbconvert, lab template), in `nbs/sidebar.yml`
+  order (notebooks it does not list follow by path). By default each notebook is executed in its own
+  folder first, like `nbdev_test` (in memory: the source files are not changed) — cells flagged `#| slow`, `#| gpu`, `#| browser` (settings.ini `tst_flags`)
   or `#| eval: false` are skipped, as `nbdev_test` does — so tutorials show their figures;
   `--no-execute` converts the committed notebooks as they are (no outputs).
 * plotly figures work offline: they are rendered from their JSON with one local copy of
@@ -53,6 +53,12 @@ def settings(repo: Path = REPO) -> dict:
 def _rel(p: Path, nbs: Path) -> str: return p.relative_to(nbs).as_posix()
 
 
+def _kernel_env():
+    "Kernels started from here emit plotly figures as JSON (rendered offline by the site) and use a headless matplotlib."
+    os.environ.setdefault("PLOTLY_RENDERER", "plotly_mimetype")
+    os.environ.setdefault("MPLBACKEND", "Agg")
+
+
 def notebook_order(nbs: Path) -> list[Path]:
     "Notebooks of `nbs` and its sub-folders (tutorials/) in sidebar.yml order, then any others by path ('_'/'.' names skipped)."
     found = {_rel(p, nbs): p for p in sorted(nbs.rglob("*.ipynb"))
@@ -91,29 +97,26 @@ def record(p: Path, nbs: Path = REPO / "nbs", recorded: Path = REPO / "docs" / "
     "Execute every cell of notebook `p` (slow ones too) with papermill in its own folder; keep it, with its source hash, in `recorded`."
     import platform
     import papermill as pm
+    from matseg.core import atomic_write_text
     p = Path(p).resolve(); nbs = Path(nbs).resolve()
-    src = nbformat.read(p, as_version=4)
-    os.environ.setdefault("PLOTLY_RENDERER", "plotly_mimetype"); os.environ.setdefault("MPLBACKEND", "Agg")
-    dest = recording_path(p, nbs, Path(recorded)); dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".partial-{dest.name}")
-    t0 = time.time()
-    pm.execute_notebook(str(p), str(tmp), cwd=str(p.parent), kernel_name="python3", progress_bar=False,
-                        execution_timeout=timeout, log_output=False)
-    nb = nbformat.read(tmp, as_version=4)
+    _kernel_env()
+    src_hash, t0 = source_hash(nbformat.read(p, as_version=4)), time.time()  # the source as it was run
+    nb = pm.execute_notebook(str(p), None, cwd=str(p.parent), kernel_name="python3", progress_bar=False,
+                             execution_timeout=timeout, log_output=False)  # None: returned, not written
     nb.metadata.pop("widgets", None)
-    nb.metadata["matseg"] = {"source": _rel(p, nbs), "source_sha256": source_hash(src), "seconds": round(time.time() - t0, 1),
-                             "recorded": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
+    nb.metadata["matseg"] = {"source": _rel(p, nbs), "source_sha256": src_hash,
+                             "seconds": round(time.time() - t0, 1), "recorded": time.strftime("%Y-%m-%d %H:%M"),
+                             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
                              "command": f"python scripts/build_docs.py --record {_rel(p, nbs)}"}
-    nbformat.write(nb, tmp); os.replace(tmp, dest)
+    dest = atomic_write_text(recording_path(p, nbs, Path(recorded)), nbformat.writes(nb))
     log(f"recorded {_rel(p, nbs)} -> {dest} ({nb.metadata['matseg']['seconds']}s)")
     return dest
 
 
 def load_recording(p: Path, nbs: Path, recorded: Path | None):
-    "The recorded execution of `p` if there is one made from the current source; else None (and why)."
-    if recorded is None: return None, "no recordings folder"
-    r = recording_path(p, nbs, recorded)
-    if not r.is_file(): return None, "not recorded"
+    "(recorded run of `p`, None) if one was made from the current source; else (None, a note when it is stale)."
+    r = recording_path(p, nbs, recorded) if recorded is not None else None
+    if r is None or not r.is_file(): return None, None
     nb = nbformat.read(r, as_version=4)
     if nb.metadata.get("matseg", {}).get("source_sha256") != source_hash(nbformat.read(p, as_version=4)):
         return None, f"stale recording {r.name} (the notebook changed since; rerun --record)"
@@ -302,8 +305,7 @@ def api_html(module_name: str) -> tuple[str, list[str]]:
 def build(out: Path, nbs: Path = REPO / "nbs", execute: bool = True, timeout: int = 600, log=print,
           recorded: Path | None = REPO / "docs" / "executed") -> dict:
     "Build the site into `out`; return a summary {pages, api, failed, recorded}."
-    os.environ.setdefault("PLOTLY_RENDERER", "plotly_mimetype")  # kernels emit figure JSON, rendered offline by the site
-    os.environ.setdefault("MPLBACKEND", "Agg")
+    _kernel_env()
     cfg = settings(nbs.parent)
     lib = cfg.get("lib_name", "matseg")
     flags = set(cfg.get("tst_flags", "").split())
@@ -318,16 +320,16 @@ def build(out: Path, nbs: Path = REPO / "nbs", execute: bool = True, timeout: in
     for p in order:
         t0 = time.time()
         rel = _rel(p, nbs)
-        nb, why = load_recording(p, nbs, recorded)
+        nb, stale = load_recording(p, nbs, recorded)
         if nb is not None:
-            used.append(rel); how = f"recorded {nb.metadata['matseg'].get('recorded', '')}"
+            m = nb.metadata["matseg"]
+            used.append(rel); how = f"recorded {m.get('recorded', '')}"
             nb.cells.insert(1, nbformat.v4.new_markdown_cell(
                 f"<div class='matseg-recorded'>Outputs of a full run (slow cells included) recorded "
-                f"{html.escape(nb.metadata['matseg'].get('recorded', '?'))} on {html.escape(nb.metadata['matseg'].get('machine', '?'))} "
-                f"in {nb.metadata['matseg'].get('seconds', '?')} s.</div>"))
+                f"{html.escape(m.get('recorded', '?'))} on {html.escape(m.get('machine', '?'))} in {m.get('seconds', '?')} s.</div>"))
         elif execute:  # in the notebook's own folder, like nbdev_test: relative paths (../../profiles) resolve
             nb, err = execute_notebook(p, p.parent, flags, timeout)
-            how = "executed" + (f"; {why}" if why and why.startswith("stale") else "")
+            how = "executed" + (f"; {stale}" if stale else "")
             if err:
                 failed[rel] = err
                 nb.cells.insert(0, nbformat.v4.new_markdown_cell(

@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import nbformat
@@ -135,7 +136,6 @@ def test_bench_rerun_skips_finished(bench_run):
     df = pd.read_csv(tmp / "run" / "results.csv")  # the folder's tables keep every dataset finished there
     assert len(df) == 6 and set(df.dataset) == {"toy", "other"}
     assert "other" in (tmp / "run" / "tables" / "best_per_dataset.md").read_text()
-    import shutil
     shutil.rmtree(other.parent); B.write_report(tmp / "run")  # leave the shared run as the other tests expect it
     assert len(pd.read_csv(tmp / "run" / "results.csv")) == 4
 
