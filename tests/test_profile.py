@@ -52,7 +52,7 @@ def test_wrong_type_names_path_and_value():
 def test_unknown_key_lists_allowed_keys_and_suggests():
     bad = copy.deepcopy(MINI); bad["datasets"][0]["modalty"] = "SEM"
     errs, msg = errors_of(bad)
-    assert "datasets[0]" in errs
+    assert errs["datasets[0].modalty"]["value"] == "SEM"
     assert "did you mean 'modality'" in msg and "allowed keys here" in msg
 
 
@@ -91,6 +91,146 @@ def test_overrides_are_validated():
         apply_overrides(p, ["training.max_epochs=0"])
     with pytest.raises(MatsegError, match="section.key=value"):
         apply_overrides(p, ["training.max_epochs"])
+
+
+# --- trust the numbers: finite, typed, unique, file-system safe, all problems at once ------------
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+def test_json_nonfinite_literals_are_refused(tmp_path, literal):
+    f = tmp_path / "p.json"
+    f.write_text(json.dumps(MINI)[:-1] + f', "training": {{"lr": {literal}}}}}')
+    assert json.loads(f.read_text())["training"]["lr"] != 1e-4  # Python's json really accepts the literal
+    with pytest.raises(ProfileError) as ei:
+        load_profile(f)
+    (e,) = ei.value.errors
+    assert e["path"] == "training.lr" and literal in e["message"] and "finite" in e["message"]
+
+
+def test_nonfinite_anywhere_even_in_metadata():
+    bad = copy.deepcopy(MINI); bad["datasets"][0]["metadata"] = {"pixel_size_nm": float("nan")}
+    errs, _ = errors_of(bad)
+    assert list(errs) == ["datasets[0].metadata.pixel_size_nm"]
+
+
+@pytest.mark.parametrize("key,value", [("patience", True), ("max_epochs", False), ("lr", True), ("batch_size", 16.0),
+                                       ("seeds", [True]), ("amp", 1), ("augment", "yes")])
+def test_numbers_and_switches_are_taken_literally(key, value):
+    bad = copy.deepcopy(MINI); bad["training"] = {key: value}
+    errs, _ = errors_of(bad)
+    assert [p.startswith(f"training.{key}") for p in errs] == [True]
+
+
+def test_bool_for_axis_and_palette_values():
+    bad = copy.deepcopy(MINI); bad["datasets"][0]["layout"] = {"axis": True}
+    errs, _ = errors_of(bad)
+    assert "boolean where a number is meant" in errs["datasets[0].layout.axis"]["message"]
+    assert parse_profile(MINI | {"datasets": [MINI["datasets"][0] | {"layout": {"axis": 1}}]}).datasets[0].layout.axis == 1
+
+
+@pytest.mark.parametrize("seed,ok", [(0, True), (2**32 - 1, True), (2**32, False), (2**40, False), (-1, False)])
+def test_seed_range(seed, ok):
+    d = copy.deepcopy(MINI); d["training"] = {"seeds": [seed]}
+    if ok: assert parse_profile(d).training.seeds == [seed]
+    else:
+        errs, _ = errors_of(d)
+        assert "0..4294967295" in errs["training.seeds[0]"]["message"]
+    d = copy.deepcopy(MINI); d["datasets"][0]["layout"] = {"kind": "flat", "split_seed": seed}
+    if ok: assert parse_profile(d).datasets[0].layout.split_seed == seed
+    else: assert "datasets[0].layout.split_seed" in errors_of(d)[0]
+
+
+def test_duplicate_json_keys_are_named(tmp_path):
+    f = tmp_path / "p.json"
+    f.write_text('{"name": "demo", "task": {"objective": "x"}, "training": {"lr": 0.1, "lr": 0.2}, "datasets": '
+                 '[{"name": "a", "modality": "XCT", "material": "m", "root": ".", "classes": ["x", "y"], "root": "."}]}')
+    with pytest.raises(ProfileError) as ei:
+        load_profile(f)
+    errs = {e["path"]: e["message"] for e in ei.value.errors}
+    assert set(errs) == {"training.lr", "datasets[0].root"}
+    assert "duplicate key" in errs["training.lr"] and "2 times" in errs["training.lr"]
+
+
+def test_every_problem_at_once_nested_and_top_level(tmp_path):
+    "A bad training.lr, a bad top-level name, a duplicate key, an unknown key and cross-field rules: one error."
+    d = copy.deepcopy(MINI)
+    d["name"] = "my profile"  # a space: not a folder-safe name
+    d["training"] = {"lr": "fast", "tile_overlap": 600, "batchsz": 2}  # tile_overlap >= crop_size 512
+    d["datasets"].append(copy.deepcopy(d["datasets"][0]))  # the same dataset name twice
+    d["datasets"][0]["classes"] = ["solid", "solid"]
+    text = json.dumps(d)[:-1] + ', "description": "a", "description": "b"}'
+    f = tmp_path / "p.json"; f.write_text(text)
+    with pytest.raises(ProfileError) as ei:
+        load_profile(f)
+    paths = [e["path"] for e in ei.value.errors]
+    assert set(paths) == {"name", "training.lr", "training.tile_overlap", "training.batchsz", "datasets[1].name",
+                          "datasets[0].classes", "description"}
+    assert len(paths) == len(set(paths))  # each problem once
+    assert str(ei.value).startswith(f"{f}: 7 problems")
+
+
+def test_duplicate_and_wildcard_models():
+    bad = copy.deepcopy(MINI)
+    bad["model"] = {"encoders": ["resnet18", "tu-resnet*", "resnet18", "tu-resnet?8"], "decoders": ["unet", "UNet"]}
+    errs, _ = errors_of(bad)
+    assert set(errs) == {"model.encoders[1]", "model.encoders[2]", "model.encoders[3]", "model.decoders[1]"}
+    assert "wildcard" in errs["model.encoders[1]"]["message"] and "listed twice" in errs["model.encoders[2]"]["message"]
+    assert "also decoders[0]" in errs["model.decoders[1]"]["message"]
+
+
+@pytest.mark.parametrize("name", ["con", "NUL.x", "lpt1", "data.", "a/b", "-x", "x y", "é"])
+def test_names_are_filesystem_safe(name):
+    bad = copy.deepcopy(MINI); bad["datasets"][0]["name"] = name
+    assert "datasets[0].name" in errors_of(bad)[0]
+    bad = copy.deepcopy(MINI); bad["name"] = name
+    assert "name" in errors_of(bad)[0]
+
+
+def test_job_id_must_fit_a_file_name():
+    d = copy.deepcopy(MINI); d["model"] = {"encoders": ["resnet18"], "decoders": ["unet"]}
+    # id = name + "__resnet18__unet__s0" (20 bytes): 235 fits 255 exactly, 236 does not
+    d["datasets"][0]["name"] = "a" * 235
+    (job,) = compile_profile(parse_profile(d))
+    assert len(job.id.encode()) == 255
+    d["datasets"][0]["name"] = "a" * 236
+    errs, _ = errors_of(d)
+    assert "256 bytes" in errs["datasets[0].name"]["message"]
+    d["datasets"][0]["name"] = "a" * 241
+    assert "longer than 240" in errors_of(d)[1]
+
+
+def test_new_options_defaults_and_validation():
+    p = parse_profile(MINI)
+    assert p.training.deterministic is False and p.task.boundary_tolerance_rule == "pixels"
+    assert p.datasets[0].normalization.nonfinite == "error" and p.datasets[0].layout.gap == 0 and p.datasets[0].layout.group is None
+    q = apply_overrides(p, ["training.deterministic=true", "task.boundary_tolerance_rule=diagonal",
+                            "datasets.pores.normalization.nonfinite=fill"])
+    assert q.training.deterministic and q.task.boundary_tolerance_rule == "diagonal"
+    assert q.datasets[0].normalization.nonfinite == "fill"
+    for o, path in [("task.boundary_tolerance_rule=csurka", "task.boundary_tolerance_rule"),
+                    ("datasets.pores.normalization.nonfinite=zero", "datasets[0].normalization.nonfinite"),
+                    ("datasets.pores.layout.group=spot", "datasets[0].layout.group"),  # group needs a flat layout
+                    ("datasets.pores.layout.gap=2", "datasets[0].layout.gap"),  # gap needs a volume layout
+                    ("datasets.pores.layout.gap=-1", "datasets[0].layout.gap")]:
+        with pytest.raises(ProfileError) as ei:
+            apply_overrides(p, [o])
+        assert [e["path"] for e in ei.value.errors] == [path], o
+    flat = apply_overrides(p, ["datasets.pores.layout.kind=flat", r"datasets.pores.layout.group=spot(\d+)_"])
+    assert flat.datasets[0].layout.group == r"spot(\d+)_"
+
+
+@pytest.mark.parametrize("raw", ["inf", "-inf", "Infinity", "NaN", "nan", " +INF "])
+def test_nonfinite_overrides_name_the_field(raw):
+    with pytest.raises(ProfileError) as ei:
+        apply_overrides(parse_profile(MINI), [f"training.lr={raw}"])
+    (e,) = ei.value.errors
+    assert e["path"] == "training.lr" and "not a finite number" in e["message"]
+
+
+def test_assignment_still_checks_cross_field_rules():
+    p = parse_profile(MINI)
+    p.training.max_epochs = 3
+    with pytest.raises(Exception, match="smaller than crop_size"):
+        p.training.tile_overlap = 999
 
 
 def test_job_ids_are_stable_unique_and_fs_safe():
