@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import json
 import math
+import operator
 import re
 import time
 from pathlib import Path
@@ -120,11 +121,7 @@ def _as_image(image) -> torch.Tensor:
 
 def _probs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     "Class probabilities (N, C, H, W) in float32: softmax, or sigmoid stacked as (1-p, p) for one logit."
-    y = model(x).float()
-    if y.shape[1] == 1:
-        p = torch.sigmoid(y)
-        return torch.cat([1 - p, p], 1)
-    return torch.softmax(y, 1)
+    return _to_probs(model(x))
 
 def _check_grid(patch: int, stride: int, H: int, W: int):
     if int(patch) < 1 or int(stride) < 1:
@@ -137,9 +134,12 @@ def kernel_grid(H: int, W: int,  # image size
                 box: tuple[int, int, int, int] | None = None,  # region bbox (x0, y0, x1, y1)
                 margin: int | None = None,  # keep centres within box dilated by margin; None: all
                ) -> tuple[np.ndarray, np.ndarray]:
-    "Patch start rows and columns of the kernel grid."
+    "Patch start rows and columns of the kernel grid (the last start is `H - patch`, so every strip is perturbed)."
     _check_grid(patch, stride, H, W)
-    ys, xs = np.arange(0, H - patch + 1, stride), np.arange(0, W - patch + 1, stride)
+    def starts(L):  # 0, stride, 2·stride, … and the last start L - patch, as matseg.data.tile_starts does
+        s = np.arange(0, L - patch + 1, stride)
+        return s if s[-1] == L - patch else np.append(s, L - patch)
+    ys, xs = starts(H), starts(W)
     if margin is not None and box is not None:
         c = (patch - 1) / 2
         x0, y0, x1, y1 = box
@@ -172,45 +172,476 @@ def _heatmap_array(values, ys, xs, patch, stride, kernel, box, A, H, W, margin, 
                         coords={"y": (ys + c).astype(np.float32), "x": (xs + c).astype(np.float32)},
                         name="influence", attrs=attrs)
 
+# %% ../nbs/08_explain.ipynb #inc0ex01
+_aten = torch.ops.aten
+_UNARY = {_aten.relu.default, _aten.hardtanh.default, _aten.silu.default, _aten.sigmoid.default, _aten.gelu.default,
+          _aten.tanh.default, _aten.leaky_relu.default, _aten.elu.default, _aten.hardswish.default,
+          _aten.hardsigmoid.default, _aten.mish.default, _aten.clamp.default, _aten.clone.default,
+          _aten.alias.default, _aten.detach.default, _aten.native_batch_norm.default,
+          _aten._native_batch_norm_legit_no_training.default, _aten.add.Tensor, _aten.sub.Tensor,
+          _aten.mul.Tensor, _aten.div.Tensor, _aten.maximum.default, _aten.minimum.default, _aten.where.self,
+          _aten.add.Scalar, _aten.mul.Scalar, _aten.sub.Scalar, _aten.div.Scalar, _aten.clamp_min.default,
+          _aten.clamp_max.default, _aten.neg.default, _aten.exp.default, _aten.rsub.Scalar}
+_UPSAMPLE = {_aten.upsample_nearest2d.default, _aten.upsample_nearest2d.vec, _aten.upsample_bilinear2d.default,
+             _aten.upsample_bilinear2d.vec}
+
+def _ibox(a, b):
+    "Intersection of boxes (y0, y1, x0, x1); None if empty."
+    if a is None or b is None: return None
+    y0, y1, x0, x1 = max(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), min(a[3], b[3])
+    return (y0, y1, x0, x1) if y0 < y1 and x0 < x1 else None
+
+def _ubox(boxes):
+    "Bounding box of the non-None boxes; None if there are none."
+    bs = [b for b in boxes if b is not None]
+    if not bs: return None
+    return min(b[0] for b in bs), max(b[1] for b in bs), min(b[2] for b in bs), max(b[3] for b in bs)
+
+def _src_index(n_in: int, n_out: int, nearest: bool, align: bool, scale):
+    "For each output row: (floor source index, next index, weight of the next) of PyTorch's nearest/bilinear."
+    o = np.arange(n_out, dtype=np.float64)
+    if nearest:
+        s = (1.0 / scale) if scale else n_in / n_out
+        i0 = np.minimum(np.floor(o * np.float32(s)).astype(np.int64), n_in - 1)
+        return i0, i0, np.zeros(n_out)
+    if align: src = o * ((n_in - 1) / (n_out - 1) if n_out > 1 else 0.0)
+    else:
+        s = (1.0 / scale) if scale else n_in / n_out
+        src = np.maximum(np.float32(s) * (o + 0.5) - 0.5, 0.0)
+    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    return i0, np.minimum(i0 + 1, n_in - 1), src - i0
+
+class _Incremental:
+    """Exact incremental inference of a traced model for perturbations of one input box.
+
+    The model is traced once into ATen ops (`make_fx`); the unperturbed activations are kept. For a
+    perturbation, each op recomputes only the part of its output that (a) the perturbation can reach
+    (forward rule per op: convolutions and pools grow the box by their window, pointwise ops keep it,
+    upsampling maps it) and (b) the output inside region A needs (the same rules run backwards from A's
+    box). Ops without a rule are run whole on the perturbed input (so any architecture stays exact);
+    `full_ops` names them."""
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, out_box):
+        from torch.fx.experimental.proxy_tensor import make_fx
+        from torch.func import functionalize
+        with torch.inference_mode(False), torch.no_grad():  # under inference mode make_fx decomposes upsampling
+            self.gm = make_fx(functionalize(model), tracing_mode="real")(x.clone())
+        self.nodes = list(self.gm.graph.nodes)
+        self._cache = {}
+        self.base, self.rule = {}, {}
+        for n in self.nodes:  # unperturbed forward, every activation kept
+            if n.op == "placeholder": v = x
+            elif n.op == "get_attr": v = getattr(self.gm, n.target)
+            elif n.op == "call_function": v = n.target(*self._map(n.args, self.base), **self._map(n.kwargs, self.base))
+            elif n.op == "output": v = self._map(n.args[0], self.base)
+            else: raise MatsegError(f"unexpected node {n.op}")
+            self.base[n] = v
+        out = self.nodes[-1].args[0]
+        if isinstance(out, (list, tuple)): out = out[0]
+        if not isinstance(out, torch.fx.Node) or self.base[out].ndim != 4:
+            raise MatsegError("the traced model does not return one (N, C, H, W) tensor")
+        self.out_node, self.x_node = out, self.nodes[0]
+        for n in self.nodes:
+            if n.op == "call_function": self.rule[n] = self._classify(n)
+        self.full_ops = sorted({str(n.target) for n, r in self.rule.items() if r == "full"})
+        self.need = self._needed(out_box)
+
+    @staticmethod
+    def _map(a, env):
+        return torch.fx.node.map_arg(a, lambda n: env[n])
+
+    def _hw(self, n):
+        v = self.base[n]
+        if isinstance(v, (tuple, list)) and v: v = v[0]
+        return tuple(v.shape[-2:]) if isinstance(v, torch.Tensor) and v.ndim == 4 else None
+
+    def _classify(self, n) -> str:
+        t, a, out = n.target, n.args, self.base[n]
+        if t is operator.getitem: return "getitem"
+        tens = [v for v in n.all_input_nodes if isinstance(self.base[v], torch.Tensor)]
+        if not tens: return "const"
+        o = out[0] if isinstance(out, (tuple, list)) and out else out
+        if not isinstance(o, torch.Tensor) or o.ndim != 4: return "full"
+        hw = tuple(o.shape[-2:])
+        if t is _aten.convolution.default and not a[6] and a[0] in tens and self._hw(a[0]) is not None:
+            return "window"
+        if t is _aten.max_pool2d_with_indices.default and not (len(a) > 5 and a[5]):
+            return "window" if not any(u.args[1] == 1 and u.users for u in n.users) else "full"
+        if t is _aten.constant_pad_nd.default and len(a[1]) == 4: return "pad"
+        if t in _UPSAMPLE and self._hw(a[0]) is not None: return "upsample"
+        if t is _aten.cat.default and a[1] in (1, -3) and all(self._hw(v) == hw for v in a[0]): return "cat"
+        if t in _UNARY:
+            if t in (_aten.native_batch_norm.default,) and a[5]: return "full"  # training-mode batch norm
+            ok = all(self._hw(v) == hw or (self.base[v].ndim <= 4 and all(s == 1 for s in self.base[v].shape[-2:]))
+                     or self.base[v].ndim <= 1 for v in tens)
+            return "pointwise" if ok else "full"
+        return "full"
+
+    # --- geometry: (k, s, p, d) per spatial axis of a window op
+    def _win(self, n, ax):
+        a = n.args
+        if n.target is _aten.convolution.default:
+            k = self.base[a[1]].shape[2 + ax]
+            return k, a[3][ax], a[4][ax], a[5][ax]
+        k = a[1][ax]; s = a[2][ax] if len(a) > 2 and a[2] else k
+        p = a[3][ax] if len(a) > 3 else 0; d = a[4][ax] if len(a) > 4 else 1
+        return k, s, p, d
+
+    def _ups(self, n, ax):
+        a, t = n.args, n.target
+        nin, nout = self._hw(a[0])[ax], self._hw(n)[ax]
+        nearest = t in (_aten.upsample_nearest2d.default, _aten.upsample_nearest2d.vec)
+        if t in (_aten.upsample_nearest2d.vec, _aten.upsample_bilinear2d.vec):
+            sf = a[-1]; scale = sf[ax] if sf else None
+            align = bool(a[2]) if not nearest else False
+        elif nearest: scale = a[2 + ax] if len(a) > 2 + ax else None; align = False
+        else: scale = a[3 + ax] if len(a) > 3 + ax else None; align = bool(a[2])
+        key = (n, ax)
+        if key not in self._cache: self._cache[key] = _src_index(nin, nout, nearest, align, scale)
+        return self._cache[key]
+
+    def _back(self, n, box, inp):
+        "Box of input `inp` that output box `box` of node n reads (None: all of it)."
+        r = self.rule[n]
+        if r in ("pointwise", "cat", "getitem"):
+            return box if self._hw(inp) == self._hw(n) or r == "getitem" else None
+        H, W = self._hw(inp)
+        if r == "window":
+            if inp is not n.args[0]: return None
+            res = []
+            for ax, (o0, o1), L in ((0, box[:2], H), (1, box[2:], W)):
+                k, s, p, d = self._win(n, ax)
+                res += [max(0, o0 * s - p), min(L, (o1 - 1) * s - p + (k - 1) * d + 1)]
+            return tuple(res) if res[0] < res[1] and res[2] < res[3] else (0, 0, 0, 0)
+        if r == "pad":
+            pl, pr, pt, pb = n.args[1]
+            b = (max(0, box[0] - pt), min(H, box[1] - pt), max(0, box[2] - pl), min(W, box[3] - pl))
+            return b if b[0] < b[1] and b[2] < b[3] else (0, 0, 0, 0)
+        if r == "upsample":
+            res = []
+            for ax, (o0, o1) in ((0, box[:2]), (1, box[2:])):
+                i0, i1, _ = self._ups(n, ax)
+                res += [int(i0[o0:o1].min()), int(i1[o0:o1].max()) + 1]
+            return tuple(res)
+        return None
+
+    def _needed(self, out_box):
+        "Per node: the box of its output that region A's outputs depend on (None: the whole tensor)."
+        need = {self.out_node: out_box}
+        full = object()
+        for n in reversed(self.nodes):
+            if n.op != "call_function": continue
+            if n not in need: continue  # unused by the output
+            box = need[n]
+            for inp in n.all_input_nodes:
+                if not isinstance(self.base[inp], (torch.Tensor, tuple)): continue
+                b = full if box is full or self._hw(inp) is None else self._back(n, box, inp)
+                if b is None: b = full
+                if inp in need:
+                    prev = need[inp]
+                    b = full if prev is full or b is full else _ubox([prev, b])
+                need[inp] = b
+        return {n: (None if b is full else b) for n, b in need.items()}
+
+    # --- perturbed values: a delta is (box, values) (box None: the whole tensor), or a tuple of them
+    @staticmethod
+    def _paste(base, d, box):
+        "base over box (y0, y1, x0, x1) with delta d pasted in."
+        if d is None: return base[..., box[0]:box[1], box[2]:box[3]]
+        db, dv = d
+        if db is None: return dv[..., box[0]:box[1], box[2]:box[3]]
+        if db == box: return dv
+        v = base[..., box[0]:box[1], box[2]:box[3]].clone()
+        i = _ibox(db, box)
+        if i is not None:
+            v[..., i[0] - box[0]:i[1] - box[0], i[2] - box[2]:i[3] - box[2]] = \
+                dv[..., i[0] - db[0]:i[1] - db[0], i[2] - db[2]:i[3] - db[2]]
+        return v
+
+    def _crop(self, n, delta, box):
+        return self._paste(self.base[n], delta.get(n), box)
+
+    def _whole(self, base, d):
+        if d is None or not isinstance(base, (torch.Tensor, tuple)): return base
+        if isinstance(base, tuple): return tuple(self._whole(b, e) for b, e in zip(base, d))
+        if d[0] is None: return d[1]
+        return self._paste(base, d, (0, base.shape[-2], 0, base.shape[-1]))
+
+    def _fwd_box(self, n, delta):
+        "Box of n's output the perturbation can change (before intersecting with the need)."
+        r, hw = self.rule[n], self._hw(n)
+        ins = [v for v in n.all_input_nodes if delta.get(v) is not None]
+        allb = (0, hw[0], 0, hw[1])
+        if r in ("pointwise", "cat"):
+            if any(self._hw(v) != hw for v in ins): return allb
+            return _ubox([delta[v][0] or allb for v in ins])
+        src = n.args[0]
+        if ins != [src] or delta[src][0] is None: return allb
+        a = delta[src][0]
+        if r == "window":
+            res = []
+            for ax, (i0, i1), L in ((0, a[:2], hw[0]), (1, a[2:], hw[1])):
+                k, s, p, d = self._win(n, ax)
+                res += [max(0, -(-(i0 + p - (k - 1) * d) // s)), min(L, (i1 - 1 + p) // s + 1)]
+            return tuple(res) if res[0] < res[1] and res[2] < res[3] else None
+        if r == "pad":
+            pl, pr, pt, pb = n.args[1]
+            return _ibox((a[0] + pt, a[1] + pt, a[2] + pl, a[3] + pl), allb)
+        if r == "upsample":
+            res = []
+            for ax, (i0, i1) in ((0, a[:2]), (1, a[2:])):
+                j0, j1, _ = self._ups(n, ax)
+                hit = np.nonzero(((j0 >= i0) & (j0 < i1)) | ((j1 >= i0) & (j1 < i1)))[0]
+                if not len(hit): return None
+                res += [int(hit[0]), int(hit[-1]) + 1]
+            return tuple(res)
+        return allb
+
+    def _compute(self, n, box, delta):
+        "Values of node n over its output box, from the perturbed inputs."
+        r, a = self.rule[n], n.args
+        if r == "pointwise":
+            hw = self._hw(n)
+            def arg(v):
+                b = self.base[v]
+                if isinstance(b, torch.Tensor) and b.ndim == 4 and tuple(b.shape[-2:]) == hw: return self._crop(v, delta, box)
+                return self._whole(b, delta.get(v))
+            return n.target(*torch.fx.node.map_arg(a, arg), **torch.fx.node.map_arg(n.kwargs, arg))
+        if r == "cat":
+            return torch.cat([self._crop(v, delta, box) for v in a[0]], 1)
+        src = a[0]
+        H, W = self._hw(src)
+        if r == "window":
+            win, pads = [], []
+            for ax, (o0, o1), L in ((0, box[:2], H), (1, box[2:], W)):
+                k, s, p, d = self._win(n, ax)
+                lo, hi = o0 * s - p, (o1 - 1) * s - p + (k - 1) * d + 1
+                win += [max(0, lo), min(L, hi)]; pads += [max(0, -lo), max(0, hi - L)]
+            xin = self._crop(src, delta, tuple(win))
+            if any(pads):
+                fillv = 0.0 if n.target is _aten.convolution.default else -math.inf
+                xin = torch.nn.functional.pad(xin, (pads[2], pads[3], pads[0], pads[1]), value=fillv)
+            if n.target is _aten.convolution.default:
+                return n.target(xin, self.base[a[1]], self.base[a[2]] if a[2] is not None else None,
+                                a[3], [0, 0], a[5], False, [0, 0], a[8])
+            k = a[1]; s = a[2] if len(a) > 2 and a[2] else k; d = a[4] if len(a) > 4 else [1, 1]
+            return _aten.max_pool2d_with_indices.default(xin, k, s, [0, 0], d, False)
+        if r == "pad":
+            pl, pr, pt, pb = a[1]
+            ib = (box[0] - pt, box[1] - pt, box[2] - pl, box[3] - pl)
+            cb = _ibox(ib, (0, H, 0, W))
+            v = self._crop(src, delta, cb)
+            return torch.nn.functional.pad(v, (cb[2] - ib[2], ib[3] - cb[3], cb[0] - ib[0], ib[1] - cb[1]),
+                                           value=a[2] if len(a) > 2 else 0.0)
+        if r == "upsample":
+            (y0, y1, x0, x1), ib = box, self._back(n, box, src)
+            v = self._crop(src, delta, ib)
+            (a0, a1, wa), (b0, b1, wb) = self._ups(n, 0), self._ups(n, 1)
+            ry0, ry1 = torch.as_tensor(a0[y0:y1] - ib[0]), torch.as_tensor(a1[y0:y1] - ib[0])
+            rx0, rx1 = torch.as_tensor(b0[x0:x1] - ib[2]), torch.as_tensor(b1[x0:x1] - ib[2])
+            if n.target in (_aten.upsample_nearest2d.default, _aten.upsample_nearest2d.vec):
+                return v[..., ry0, :][..., rx0]
+            wy = torch.as_tensor(wa[y0:y1], dtype=v.dtype, device=v.device)[:, None]
+            wx = torch.as_tensor(wb[x0:x1], dtype=v.dtype, device=v.device)
+            rows = v[..., ry0, :] * (1 - wy) + v[..., ry1, :] * wy
+            return rows[..., rx0] * (1 - wx) + rows[..., rx1] * wx
+        raise AssertionError(r)
+
+    def _out_box(self):
+        return self.need[self.out_node] or (0, self._hw(self.out_node)[0], 0, self._hw(self.out_node)[1])
+
+    def reference(self) -> torch.Tensor:
+        "The unperturbed output over the output node's need."
+        return self._crop(self.out_node, {}, self._out_box())
+
+    def run(self, box, values) -> torch.Tensor:
+        "The model's output over the output node's need, the input's box (y0, y1, x0, x1) replaced by values."
+        delta = {self.x_node: (tuple(box), values)}
+        for n in self.nodes:
+            if n.op != "call_function" or n not in self.need: continue
+            r = self.rule[n]
+            if r == "const" or not any(delta.get(v) is not None for v in n.all_input_nodes): continue
+            if r == "getitem":
+                d = delta[n.args[0]]
+                delta[n] = d if len(d) == 2 and isinstance(d[1], torch.Tensor) else d[n.args[1]]
+                continue
+            if r == "full":
+                env = {v: self._whole(self.base[v], delta.get(v)) for v in n.all_input_nodes}
+                out = n.target(*self._map(n.args, env), **self._map(n.kwargs, env))
+                nb = self.need[n]
+                if isinstance(out, (tuple, list)): delta[n] = tuple((None, o) for o in out)
+                elif isinstance(out, torch.Tensor) and out.ndim == 4 and nb is not None:
+                    delta[n] = (nb, out[..., nb[0]:nb[1], nb[2]:nb[3]])
+                else: delta[n] = (None, out)
+                continue
+            fb = self._fwd_box(n, delta)
+            ob = _ibox(fb, self.need[n]) if self.need[n] is not None else fb
+            if ob is None: continue
+            out = self._compute(n, ob, delta)
+            delta[n] = tuple([(ob, out[0])] + [None] * (len(out) - 1)) if isinstance(out, tuple) else (ob, out)
+        return self._crop(self.out_node, delta, self._out_box())
+
+
 # %% ../nbs/08_explain.ipynb #68dadc27
+def _to_probs(y: torch.Tensor) -> torch.Tensor:
+    "Class probabilities in float32 from logits (N, C, …): softmax, or sigmoid stacked as (1-p, p) for one logit."
+    y = y.float()
+    if y.shape[1] == 1:
+        p = torch.sigmoid(y)
+        return torch.cat([1 - p, p], 1)
+    return torch.softmax(y, 1)
+
+def _batched_eval(model, x, fill, starts, patch, box, Zc, Ac, batch_size) -> np.ndarray:
+    "H for each patch start (i, j): the perturbed copies in batches through the whole model."
+    x0, y0, x1, y1 = box
+    C, H, W = x.shape
+    st_all = torch.as_tensor(np.asarray(starts, np.int64).reshape(-1, 2), device=x.device)
+    ar_y, ar_x = torch.arange(H, device=x.device), torch.arange(W, device=x.device)
+    out = np.empty(len(st_all))
+    for s in range(0, len(st_all), int(batch_size)):
+        st = st_all[s:s + int(batch_size)]
+        in_y = (ar_y >= st[:, :1]) & (ar_y < st[:, :1] + patch)  # (B, H)
+        in_x = (ar_x >= st[:, 1:]) & (ar_x < st[:, 1:] + patch)  # (B, W)
+        m = (in_y[:, :, None] & in_x[:, None, :])[:, None]  # (B, 1, H, W)
+        Zb = _probs(model, torch.where(m, fill, x))[:, :, y0:y1, x0:x1]
+        out[s:s + len(st)] = ((Zb - Zc).abs() * Ac).sum((1, 2, 3)).double().cpu().numpy()
+    return out
+
+class _Evaluator:
+    "H at patch starts by the best exact path for this model and device; `path` says which ran."
+    def __init__(self, model, x, fill, patch, box, Zc, Ac, batch_size, t_full: float, incremental: bool,
+                 strict: bool = False):  # strict: incremental or an error, never the batched pass
+        self.args = (model, x, fill, patch, box, Zc, Ac, batch_size)
+        self.path, self.reason, self.inc, self.full_ops, self.t_full = "batched", "", None, [], t_full
+        self.strict = strict
+        if not incremental:
+            self.reason = "incremental inference runs on CPU; on an accelerator the batched pass is the fast exact path"
+            return
+        x0, y0, x1, y1 = box
+        try:
+            self.inc = _Incremental(model, x[None], (y0, y1, x0, x1))
+            self.path, self.full_ops = "incremental", self.inc.full_ops
+            # the reference from the same crop, so that a patch that cannot reach A gives exactly 0
+            self.Zc = _to_probs(self.inc.reference())[0]
+        except Exception as e:  # an architecture make_fx cannot trace: the batched pass is exact too
+            if strict: raise MatsegError(f"mode='incremental': this model cannot be traced ({type(e).__name__}: {e})") from e
+            self.reason = f"incremental inference unavailable ({type(e).__name__}: {str(e)[:120]})"
+
+    def __call__(self, starts) -> np.ndarray:
+        model, x, fill, patch, box, Zc, Ac, batch_size = self.args
+        starts = [(int(i), int(j)) for i, j in starts]
+        out = np.empty(len(starts))
+        k = 0
+        if self.path == "incremental":
+            for k, (i, j) in enumerate(starts):
+                t = time.perf_counter()
+                Zp = _to_probs(self.inc.run((i, i + patch, j, j + patch), fill[None, :, i:i + patch, j:j + patch]))[0]
+                out[k] = float(((Zp - self.Zc).abs() * Ac).sum())
+                if k == 0 and not self.strict and time.perf_counter() - t > self.t_full:  # no saving on this model: batch the rest
+                    self.path, self.inc = "batched", None
+                    self.reason = "incremental inference was slower than a whole forward pass for this model"
+                    break
+            else: return out
+            k += 1
+        if k < len(starts): out[k:] = _batched_eval(model, x, fill, starts[k:], patch, box, Zc, Ac, batch_size)
+        return out
+
+def _interp_grid(vals: np.ndarray, known: np.ndarray) -> np.ndarray:
+    "Fill the unknown cells of a (ny, nx) grid known on a lattice of rows × columns: bilinear in index space."
+    rows, cols = np.nonzero(known.any(1))[0], np.nonzero(known.any(0))[0]
+    sub = vals[np.ix_(rows, cols)]
+    iy, ix = np.arange(vals.shape[0]), np.arange(vals.shape[1])
+    tmp = np.stack([np.interp(ix, cols, r) for r in sub])  # (len(rows), nx)
+    return np.stack([np.interp(iy, rows, tmp[:, j]) for j in range(vals.shape[1])], 1)
+
+def _fast_map(ev: _Evaluator, ys, xs, coarse: int, refine: float, check: int, seed: int) -> tuple[np.ndarray, dict]:
+    "Coarse-to-fine: exact on every `coarse`-th grid row/column, exact again where the interpolated map is high."
+    ny, nx = len(ys), len(xs)
+    vals, known = np.zeros((ny, nx)), np.zeros((ny, nx), bool)
+    def compute(idx):
+        idx = [(a, b) for a, b in idx if not known[a, b]]
+        if idx:
+            v = ev([(ys[a], xs[b]) for a, b in idx])
+            for (a, b), w in zip(idx, v): vals[a, b], known[a, b] = w, True
+        return len(idx)
+    ri = sorted(set(range(0, ny, coarse)) | {ny - 1})
+    ci = sorted(set(range(0, nx, coarse)) | {nx - 1})
+    n_coarse = compute([(a, b) for a in ri for b in ci])
+    est = _interp_grid(vals, known)
+    thr = refine * float(vals[known].max())
+    n_refine = compute([tuple(t) for t in np.argwhere((est >= thr) & ~known)])
+    est = np.where(known, vals, est)
+    # the error, measured: exact values at a uniform sample of the grid
+    rng = np.random.default_rng(seed)
+    flat = rng.choice(ny * nx, size=min(int(check), ny * nx), replace=False)
+    pts = [divmod(int(f), nx) for f in flat]
+    guess = np.array([est[a, b] for a, b in pts])
+    was_known = np.array([known[a, b] for a, b in pts])
+    n_check = compute(pts)
+    truth = np.array([vals[a, b] for a, b in pts])
+    est = np.where(known, vals, est)
+    top = float(np.abs(est).max()) or 1.0
+    order = np.argsort(-est, axis=None, kind="stable")[:10]
+    info = {"fast_coarse": int(coarse), "fast_refine": float(refine), "fast_exact_locations": int(known.sum()),
+            "fast_coarse_locations": n_coarse, "fast_refined_locations": n_refine, "fast_check_locations": len(pts),
+            "fast_check_interpolated": int((~was_known).sum()),
+            "fast_check_pearson": float(np.corrcoef(guess, truth)[0, 1]) if len(pts) > 2 and truth.std() > 0 and guess.std() > 0 else float("nan"),
+            "fast_check_max_rel_err": float(np.abs(guess - truth).max() / top) if len(pts) else float("nan"),
+            "fast_top10_exact": int(known.ravel()[order].all()), "fast_check_extra": n_check}
+    return est, info
+
 def counterfactual_heatmap(model: nn.Module,  # segmentation model: (N, C, H, W) -> (N, classes, H, W) logits
                            image,  # (C, H, W) tensor/array, normalised as the model expects
                            region,  # mask | (x0, y0, x1, y1) | class index | class name, see `region_mask`
                            kernel: str = "occlude",  # a key of KERNELS
                            patch: int = 16,  # side of the perturbed square (pixels)
                            stride: int = 8,  # step of the kernel grid (pixels)
-                           batch_size: int = 64,  # perturbed copies per forward pass
+                           batch_size: int = 64,  # perturbed copies per forward pass (batched path)
                            margin: int | None = None,  # only centres within A's bbox dilated by this; None: all
                            device=None,  # None: the model's device; or "auto", "cpu", "cuda", ...
                            classes: list[str] | None = None,  # class names, for a region given by name
-                           seed: int = 0,  # seed of the "noise" kernel
+                           seed: int = 0,  # seed of the "noise" kernel and of the fast mode's error sample
+                           *,
+                           mode: str = "exact",  # "exact" | "fast" | "naive" | "batched" | "incremental", see below
+                           coarse: int = 2,  # fast: exact on every coarse-th grid row and column first
+                           refine: float = 0.05,  # fast: then exact wherever the interpolated map >= refine * max
+                           check: int = 32,  # fast: grid locations computed exactly to measure its error
                           ) -> xr.DataArray:
     "Influence H_ij of a perturbation at each kernel centre on the prediction inside the region (dims y, x)."
+    if mode not in ("exact", "fast", "naive", "batched", "incremental"):
+        raise MatsegError(f"mode={mode!r} is unknown; use 'exact' (default), 'fast', 'naive', 'batched' or 'incremental'")
+    if mode == "naive":
+        hm = naive_heatmap(model, image, region, kernel, patch, stride, margin, device, classes, seed)
+        hm.attrs.update(mode="naive", path="naive")
+        return hm
+    if mode == "fast" and (int(coarse) < 1 or not 0 <= float(refine) or int(check) < 0):
+        raise MatsegError(f"coarse={coarse}, refine={refine}, check={check}: need coarse >= 1, refine >= 0, check >= 0")
     fill_fn, t0 = get_kernel(kernel), time.perf_counter()
     x = _as_image(image)
     C, H, W = x.shape
     _check_grid(patch, stride, H, W)
     with _eval_on(model, device) as (dev, dtype), torch.inference_mode(), _autocast(dev):
         x = x.to(dev, dtype)
+        t = time.perf_counter()
         Z = _probs(model, x[None])[0]
+        t_full = time.perf_counter() - t
         A = region_mask(region, (H, W), Z, classes)
         box = bbox(A)
         ys, xs = kernel_grid(H, W, patch, stride, box, margin)
         x0, y0, x1, y1 = box
         Zc, Ac = Z[:, y0:y1, x0:x1], torch.from_numpy(A[y0:y1, x0:x1]).to(dev)
         fill = fill_fn(x, patch, seed).to(dtype)
-        starts = torch.cartesian_prod(torch.as_tensor(ys), torch.as_tensor(xs)).reshape(-1, 2).to(dev)
-        ar_y, ar_x = torch.arange(H, device=dev), torch.arange(W, device=dev)
-        out = torch.empty(len(starts), dtype=torch.float64)
-        for s in range(0, len(starts), int(batch_size)):
-            st = starts[s:s + int(batch_size)]
-            in_y = (ar_y >= st[:, :1]) & (ar_y < st[:, :1] + patch)  # (B, H)
-            in_x = (ar_x >= st[:, 1:]) & (ar_x < st[:, 1:] + patch)  # (B, W)
-            m = (in_y[:, :, None] & in_x[:, None, :])[:, None]  # (B, 1, H, W)
-            Zb = _probs(model, torch.where(m, fill, x))[:, :, y0:y1, x0:x1]
-            out[s:s + len(st)] = ((Zb - Zc).abs() * Ac).sum((1, 2, 3)).double().cpu()
-    return _heatmap_array(out.numpy(), ys, xs, patch, stride, kernel, box, A, H, W, margin,
-                          seconds=round(time.perf_counter() - t0, 4), device=str(dev), batch_size=int(batch_size))
+        ev = _Evaluator(model, x, fill, patch, box, Zc, Ac, batch_size, t_full,
+                        incremental=mode == "incremental" or (mode != "batched" and dev.type == "cpu"),
+                        strict=mode == "incremental")
+        extra = {}
+        if mode == "fast": vals, extra = _fast_map(ev, ys, xs, int(coarse), float(refine), int(check), seed)
+        else: vals = ev([(i, j) for i in ys for j in xs])
+    extra.update(mode=mode, path=ev.path, **({"path_reason": ev.reason} if ev.reason else {}),
+                 **({"full_ops": ", ".join(ev.full_ops)} if ev.path == "incremental" else {}))
+    return _heatmap_array(vals, ys, xs, patch, stride, kernel, box, A, H, W, margin,
+                          seconds=round(time.perf_counter() - t0, 4), device=str(dev), batch_size=int(batch_size),
+                          **extra)
 
 def naive_heatmap(model: nn.Module,  # as in `counterfactual_heatmap`
                   image, region, kernel: str = "occlude", patch: int = 16, stride: int = 8,

@@ -38,11 +38,76 @@ def test_batched_equals_naive(tiny_unet, kernel):
     kw = dict(region=(8, 10, 20, 22), kernel=kernel, patch=8, stride=7)
     hm = counterfactual_heatmap(tiny_unet, img, batch_size=7, **kw)  # 16 locations: chunks of 7, 7, 2
     ref = naive_heatmap(tiny_unet, img, **kw)
-    assert hm.shape == ref.shape == (4, 4)
+    assert hm.shape == ref.shape == (5, 5)  # starts 0, 7, 14, 21 and the last one, 24
     assert float(hm.max()) > 1e-3  # not trivially zero
     np.testing.assert_allclose(hm.values, ref.values, rtol=1e-5, atol=1e-5)
     assert hm.attrs["kernel"] == kernel and hm.attrs["region_bbox"] == [8, 10, 20, 22]
-    assert list(hm.y.values) == [3.5 + 7 * i for i in range(4)]
+    assert list(hm.y.values) == [3.5 + 7 * i for i in range(4)] + [27.5]
+    for mode in ("batched", "incremental", "fast"):
+        other = counterfactual_heatmap(tiny_unet, img, mode=mode, **kw)
+        np.testing.assert_allclose(other.values, ref.values, rtol=1e-5, atol=1e-5)
+        assert other.attrs["mode"] == mode
+
+
+def test_kernel_grid_perturbs_the_last_strip():
+    ys, xs = kernel_grid(30, 26, 8, 5)
+    assert list(ys) == [0, 5, 10, 15, 20, 22] and list(xs) == [0, 5, 10, 15, 18]
+    assert list(kernel_grid(32, 32, 8, 8)[0]) == [0, 8, 16, 24]  # a dividing stride adds nothing
+    model, img = _local_model(), torch.rand(1, 30, 26, dtype=torch.float64)
+    hm = counterfactual_heatmap(model, img, (20, 26, 26, 30), patch=8, stride=5)  # A in the last rows/columns
+    assert float(hm.y[-1]) == 22 + 3.5 and float(hm.x[-1]) == 18 + 3.5
+    assert float(hm.values[-1, -1]) > 0  # the bottom-right strip is perturbed and reaches A
+    np.testing.assert_allclose(hm.values, naive_heatmap(model, img, (20, 26, 26, 30), patch=8, stride=5).values,
+                               rtol=1e-6, atol=1e-9)
+
+
+ARCHS = [("resnet18", "unet"), ("resnet18", "deeplabv3"), ("resnet18", "deeplabv3plus"), ("resnet18", "fpn"),
+         ("timm-tf_efficientnet_lite0", "unet"), ("resnet18", "linknet"), ("resnet18", "pspnet"),
+         ("mit_b0", "segformer")]
+
+
+@pytest.mark.parametrize("encoder,decoder", ARCHS)
+def test_exact_equals_naive(encoder, decoder):
+    """Incremental inference reproduces the naive loop: border patches, a stride that does not divide the image,
+    regions inside and touching the border, float32 on CPU."""
+    torch.manual_seed(0)
+    model = build_model(encoder, decoder, in_channels=1, classes=3).eval()
+    img = torch.rand(1, 64, 64, generator=torch.Generator().manual_seed(1))
+    for region in [(22, 18, 36, 30), (50, 52, 64, 64)]:
+        kw = dict(region=region, kernel="blur", patch=12, stride=10)  # starts 0, 10, …, 50, 52
+        ref = counterfactual_heatmap(model, img, mode="naive", **kw)
+        inc = counterfactual_heatmap(model, img, mode="incremental", **kw)
+        ex = counterfactual_heatmap(model, img, **kw)  # default mode: exact, whichever exact path is faster
+        assert ref.shape == inc.shape == (7, 7) and float(ref.max()) > 0
+        assert inc.attrs["path"] == "incremental" and ex.attrs["mode"] == "exact"
+        assert ex.attrs["path"] in ("incremental", "batched")
+        top = float(np.abs(ref.values).max())
+        assert float(np.abs(inc.values - ref.values).max()) <= 1e-4 * top
+        assert float(np.abs(ex.values - ref.values).max()) <= 1e-4 * top
+
+
+def test_incremental_names_whole_ops():
+    torch.manual_seed(0)
+    model = build_model("resnet18", "deeplabv3", in_channels=1, classes=2).eval()
+    hm = counterfactual_heatmap(model, torch.rand(1, 64, 64), (20, 20, 30, 30), patch=16, stride=16,
+                                mode="incremental")
+    assert "aten.mean.dim" in hm.attrs["full_ops"]  # ASPP image pooling: global, computed whole
+
+
+def test_fast_mode_measures_its_error():
+    model, img = _local_model(), torch.rand(1, 64, 64, dtype=torch.float64)
+    kw = dict(region=(28, 28, 36, 36), patch=6, stride=2)
+    ex = counterfactual_heatmap(model, img, mode="incremental", **kw)
+    fa = counterfactual_heatmap(model, img, mode="fast", check=20, **kw)
+    a = fa.attrs
+    assert a["mode"] == "fast" and a["fast_check_locations"] == 20 and a["fast_check_interpolated"] > 0
+    assert 0 < a["fast_exact_locations"] < ex.size  # it skipped work
+    assert a["fast_top10_exact"] == 1 and np.isfinite(a["fast_check_max_rel_err"])
+    assert np.corrcoef(fa.values.ravel(), ex.values.ravel())[0, 1] > 0.99
+    top = np.argsort(-ex.values, axis=None)[:10]
+    assert set(np.argsort(-fa.values, axis=None)[:10]) == set(top)
+    with pytest.raises(MatsegError, match="coarse"): counterfactual_heatmap(model, img, mode="fast", coarse=0, **kw)
+    with pytest.raises(MatsegError, match="mode"): counterfactual_heatmap(model, img, mode="quick", **kw)
 
 
 def test_pointwise_model_against_hand_computed_oracle():
