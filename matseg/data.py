@@ -9,7 +9,9 @@ import argparse
 import fnmatch
 import json
 import logging
+import re
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from .core import MatsegError
 
 # %% auto #0
 __all__ = ['IMAGE_EXTS', 'MASK_DIR_SUFFIXES', 'IMAGENET_MEAN', 'IMAGENET_STD', 'read_image', 'read_mask', 'decode_mask', 'Sample',
-           'dataset_root', 'discover_splits', 'split_counts', 'read_volume', 'pair_files', 'normalize',
+           'dataset_root', 'discover_splits', 'split_counts', 'read_volume', 'pair_files', 'check_finite', 'normalize',
            'imagenet_normalize', 'read_sample', 'read_samples', 'load_dataset', 'dataset_classes', 'overlay',
            'class_fraction', 'tile_starts', 'tile', 'stitch', 'summarize_dataset', 'summarize', 'summary_table',
            'cli_data']
@@ -54,7 +56,7 @@ def _read_pil(path: Path, rgb: bool = False) -> np.ndarray:
         elif im.mode == "LA": im = im.getchannel("L")
         elif im.mode == "PA": im = im.convert("RGBA") if rgb else im.getchannel("P")
         a = np.asarray(im)
-    return a.astype(np.uint8) if a.dtype == bool else a
+    return a
 
 def _read_tiff(path: Path, first_page: bool = False) -> tuple[np.ndarray, str]:
     "Array and axes string of a TIFF: the first series, or only its first page."
@@ -106,6 +108,7 @@ def read_mask(path: str | Path,  # mask file
              ) -> np.ndarray:
     "Read a raw mask: (H, W) or (H, W, 3|4); a multi-page TIFF gives its first page."
     a, axes = _raw(Path(path), first_page=True, rgb=rgb)
+    if a.dtype == bool: a = a.astype(np.uint8)  # 1-bit masks: 0/1
     if a.ndim == 3 and axes and not axes.endswith("S"): a = np.moveaxis(a, 0, -1)
     if a.ndim == 3 and a.shape[-1] == 1: a = a[..., 0]
     if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (3, 4)):
@@ -317,6 +320,20 @@ def _seeded_split(names: list[str], fractions: dict[str, float], seed: int) -> d
         i += k
     return out
 
+def _groups(names: list[str], pattern: str, spec) -> dict[str, str]:
+    "name -> group: the first capture group of `pattern` searched in the name (the whole match without groups)."
+    rx, out, miss = re.compile(pattern), {}, []
+    for n in names:
+        m = rx.search(n)
+        if m is None: miss.append(n); continue
+        out[n] = m.group(1) if rx.groups and m.group(1) is not None else m.group(0)
+    if miss:
+        more = f" and {len(miss) - 10} more" if len(miss) > 10 else ""
+        raise MatsegError(f"dataset {spec.name!r}: layout.group {json.dumps(pattern)} matches nothing in the sample name(s) "
+                          f"{', '.join(map(repr, miss[:10]))}{more}, so their split group is unknown; fix the pattern "
+                          "(it is searched in the image stem) or rename or remove those files")
+    return out
+
 def _volume_shape(path: Path) -> tuple[int, ...]:
     if path.suffix.lower() == ".npy":
         try: return tuple(np.load(path, mmap_mode="r", allow_pickle=False).shape)
@@ -352,17 +369,27 @@ def pair_files(spec,  # DatasetSpec
         if si != sm:
             raise MatsegError(f"dataset {spec.name!r}: image volume {vi} has shape {si} but mask volume {vm} has {sm}; "
                               "they must match voxel for voxel")
-        n, out, i = si[lay.axis], [], 0
-        for split, k in split_counts(n, lay.split_fractions).items():
+        n, out, i, gap = si[lay.axis], [], 0, lay.gap
+        usable = n - gap * (len(lay.split_fractions) - 1)  # slices left once the gaps between slabs are dropped
+        if gap and usable < len(lay.split_fractions):
+            raise MatsegError(f"dataset {spec.name!r}: volume {vi} has {n} slices along axis {lay.axis}, too few for "
+                              f"{len(lay.split_fractions)} splits with layout.gap = {gap} slices between them (needs at "
+                              f"least {len(lay.split_fractions) + gap * (len(lay.split_fractions) - 1)}); lower layout.gap")
+        for split, k in split_counts(usable, lay.split_fractions).items():
             out += [Sample(f"{vi.stem}_{'zyx'[lay.axis]}{j:04d}", split, vi, vm, j) for j in range(i, i + k)]
-            i += k
+            i += k + gap
         return out
     if lay.kind == "flat":
         img_dir = _need_dir(root / lay.images, spec, "image")
         mask_dir = _need_dir(root / lay.masks, spec, "mask")
         samples = _pair_dir(spec, "all", img_dir, mask_dir)
         if not samples: _empty(spec, "all", img_dir)
-        where = _seeded_split([s.name for s in samples], lay.split_fractions, lay.split_seed)
+        names = [s.name for s in samples]
+        if lay.group:  # the split is drawn over groups; every sample follows its group
+            group = _groups(names, lay.group, spec)
+            by_group = _seeded_split(sorted(set(group.values())), lay.split_fractions, lay.split_seed)
+            where = {n: by_group[group[n]] for n in names}
+        else: where = _seeded_split(names, lay.split_fractions, lay.split_seed)
         return [Sample(s.name, where[s.name], s.image, s.mask) for s in samples]
     if lay.splits:
         dirs = {k: (_need_dir(root / v.images, spec, f"split {k!r} image"), _need_dir(root / v.masks, spec, f"split {k!r} mask"))
@@ -400,15 +427,44 @@ def _scale(x: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     out = (x - lo) / np.where(d > 0, d, 1)
     return np.clip(np.where(d > 0, out, 0), 0, 1).astype(np.float32)
 
+def check_finite(img: np.ndarray,  # image in native dtype, (C, H, W) (or (H, W): one channel)
+                 source: str = "image",  # the file (and slice) named in messages
+                 nonfinite: str = "error",  # the profile's normalization.nonfinite: "error" or "fill"
+                ) -> np.ndarray:
+    "`img` when every pixel is finite; else an error naming `source` and the count, or with 'fill' a copy whose NaN/±inf are the channel's finite median (and a warning)."
+    x = np.asarray(img)
+    if x.dtype.kind != "f": return x  # integer and boolean pixels are always finite
+    bad = ~np.isfinite(x)
+    n = int(bad.sum())
+    if n == 0: return x
+    kinds = f"{int(np.isnan(x).sum())} NaN, {int(np.isposinf(x).sum())} +inf, {int(np.isneginf(x).sum())} -inf"
+    if nonfinite != "fill":
+        raise MatsegError(f"{source}: {n} of {x.size} pixels are not finite ({kinds}); they would make the normalisation "
+                          "NaN and the image blank. Re-export the image with finite values, or set the dataset's "
+                          '"normalization": {"nonfinite": "fill"} to replace them by the image\'s finite median (with a warning)')
+    out = x.copy()
+    chans, masks = out.reshape(out.shape[0] if out.ndim >= 3 else 1, -1), bad.reshape(out.shape[0] if out.ndim >= 3 else 1, -1)
+    for c, (v, b) in enumerate(zip(chans, masks)):
+        if b.all():
+            raise MatsegError(f"{source}: channel {c} has no finite pixel, so there is nothing to fill it with; "
+                              "re-export or remove this image")
+        v[b] = np.median(v[~b])
+    warnings.warn(f"{source}: {n} non-finite pixels ({kinds}) replaced by the finite median of their channel "
+                  '(normalization.nonfinite = "fill")', stacklevel=2)
+    return out
+
 def normalize(img: np.ndarray,  # (C, H, W) image in native dtype
-              norm=None,  # NormSpec (kind, low, high), a DatasetSpec (its .normalization), or None for "auto"
+              norm=None,  # NormSpec (kind, low, high, nonfinite), a DatasetSpec (its .normalization), or None for "auto"
+              *,
+              source: str = "image",  # the file named when the image has NaN/±inf pixels
              ) -> np.ndarray:
-    "Scale an image to float32 in [0, 1] per channel (8-bit /255; 16-bit/float by percentiles)."
+    "Scale an image to float32 in [0, 1] per channel (8-bit /255; 16-bit/float by percentiles); booleans are 0/1."
     norm = getattr(norm, "normalization", norm)
     kind = getattr(norm, "kind", "auto") if norm is not None else "auto"
     low, high = getattr(norm, "low", 1.0), getattr(norm, "high", 99.0)
     x = np.asarray(img)
-    if x.dtype == bool: x = x.astype(np.uint8)
+    if x.dtype == bool: return x.astype(np.float32)  # 0/1 whatever the kind: percentiles of two values mean nothing
+    x = check_finite(x, source, getattr(norm, "nonfinite", "error"))
     if kind == "none": return x.astype(np.float32)
     if kind == "auto" and x.dtype == np.uint8: return x.astype(np.float32) / np.float32(255)
     xf = x.astype(np.float32 if x.dtype.itemsize <= 4 else np.float64)
@@ -443,6 +499,7 @@ def _read_pair(s: Sample, spec, cache: dict) -> tuple[np.ndarray, np.ndarray]:
         img = np.take(cache[s.image], s.index, axis=ax)[None]
         raw = np.take(cache[s.mask], s.index, axis=ax)
         where = f"{s.mask} slice {s.index} along axis {ax}"
+        img = check_finite(img, f"{s.image} slice {s.index} along axis {ax}", spec.normalization.nonfinite)
     else:
         chans = [read_image(f) for f in s.files]
         if len(chans) > 1:
@@ -451,6 +508,7 @@ def _read_pair(s: Sample, spec, cache: dict) -> tuple[np.ndarray, np.ndarray]:
                 raise MatsegError(f"dataset {spec.name!r}: channel files of sample {s.name!r} must each be one grey image of "
                                   f"the same size, got {shapes}; re-export them as single-channel images")
         img = np.concatenate(chans) if len(chans) > 1 else chans[0]
+        img = check_finite(img, ", ".join(map(str, s.files)), spec.normalization.nonfinite)
         raw = read_mask(s.mask, rgb=_enc(enc, "kind") == "palette")
         where = s.mask
     if img.shape[0] != len(spec.channels):
@@ -469,7 +527,7 @@ def read_sample(sample: Sample,  # from `pair_files`
                ) -> tuple[np.ndarray, np.ndarray]:
     "One checked sample: normalised float32 (C, H, W) image and decoded (H, W) uint8 mask."
     img, mask = _read_pair(sample, spec, {})
-    return normalize(img, spec.normalization), mask
+    return normalize(img, spec.normalization, source=str(sample.files[0])), mask
 
 def read_samples(spec,  # DatasetSpec
                  samples: list[Sample],  # from `pair_files`
@@ -501,7 +559,7 @@ def load_dataset(spec,  # DatasetSpec
                             for (h, w), v in shapes.items())
         raise MatsegError(f"dataset {spec.name!r}: images have different sizes (HxW) {listing}; crop or resize them to one size, "
                           "or make one dataset per size (large images are tiled for the model automatically)")
-    images = np.stack([normalize(img, spec.normalization) for img, _ in pairs])
+    images = np.stack([normalize(img, spec.normalization, source=str(s.files[0])) for s, (img, _) in zip(samples, pairs)])
     masks = np.stack([m for _, m in pairs])
     files = [str(s.files[0]) if s.index is None else f"{s.image}[{s.index}]" for s in samples]
     return xr.Dataset(

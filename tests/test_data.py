@@ -2,6 +2,7 @@
 import json
 import logging
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from PIL import Image
 
 from conftest import REPO, run_matseg
 from matseg.core import MatsegError, asset_path
-from matseg.data import (Sample, class_fraction, decode_mask, imagenet_normalize, load_dataset, normalize, pair_files,
+from matseg.data import (Sample, check_finite, class_fraction, decode_mask, imagenet_normalize, load_dataset, normalize, pair_files,
                          read_image, read_mask, read_sample, split_counts, stitch, summarize, tile, tile_starts)
 from matseg.profile import (BinaryEncoding, DatasetSpec, IndexEncoding, LayoutSpec, NormSpec, PaletteEncoding,
                             load_profile)
@@ -216,6 +217,122 @@ def test_volume_layout(tmp_path):
     assert np.array_equal(ds.mask.values[3], vol[:, :, 3] > 2000)
     np.save(tmp_path / "ct_mask.npy", np.zeros((12, 10, 9), np.uint8))
     assert "must match" in err(pair_files, sp)
+
+
+def _spots(root, spots=6, angles=(0, 180)):
+    "A flat layout where every spot is imaged at two angles: spot3_0deg, spot3_180deg, ..."
+    for i in range(spots):
+        for a in angles:
+            write_pair(root / "images", root / "masks", f"spot{i}_{a}deg", seed=i * 10 + a // 180)
+
+
+def test_flat_group_keeps_a_spot_in_one_split(tmp_path):
+    _spots(tmp_path)
+    fr = {"train": 0.5, "val": 0.25, "test": 0.25}
+    straddle = False
+    for seed in range(6):
+        plain = pair_files(spec(tmp_path, layout={"kind": "flat", "split_fractions": fr, "split_seed": seed}))
+        straddle |= any(len({x.split for x in plain if x.name.startswith(f"spot{i}_")}) > 1 for i in range(6))
+        s = pair_files(spec(tmp_path, layout={"kind": "flat", "split_fractions": fr, "split_seed": seed, "group": r"spot(\d+)_"}))
+        assert len(s) == 12
+        per_spot = {i: {x.split for x in s if x.name.startswith(f"spot{i}_")} for i in range(6)}
+        assert all(len(v) == 1 for v in per_spot.values()), per_spot  # both angles of a spot share a split
+        # the fractions apply to the 6 groups: split_counts(6, 0.5/0.25/0.25) = 3/2/1 spots = 6/4/2 images
+        assert {k: sum(x.split == k for x in s) for k in fr} == {"train": 6, "val": 4, "test": 2}
+    assert straddle  # without the pattern some spot's two angles do land in two splits
+
+
+def test_flat_group_whole_match_and_unmatched_names(tmp_path):
+    _spots(tmp_path, spots=4)
+    s = pair_files(spec(tmp_path, layout={"kind": "flat", "group": r"spot\d+", "split_fractions": {"train": 0.5, "test": 0.5}}))
+    assert all(len({x.split for x in s if x.name.startswith(f"spot{i}_")}) == 1 for i in range(4))
+    assert sum(x.split == "train" for x in s) == 4
+    write_pair(tmp_path / "images", tmp_path / "masks", "calibration", seed=99)
+    e = err(pair_files, spec(tmp_path, layout={"kind": "flat", "group": r"spot(\d+)_"}))
+    assert "'calibration'" in e and json.dumps(r"spot(\d+)_") in e and "spot0" not in e
+
+
+def test_volume_gap_between_split_slabs(tmp_path):
+    vol = RNG.integers(0, 4000, (12, 10, 8)).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "ct.tif", vol)
+    np.save(tmp_path / "ct_mask.npy", (vol > 2000).astype(np.uint8))
+    lay = {"kind": "volume", "volume_image": "ct.tif", "volume_mask": "ct_mask.npy", "axis": 0}
+    s = pair_files(spec(tmp_path, modality="XCT", layout=lay | {"gap": 2}))
+    # 12 slices - 2 gaps of 2 = 8 used: split_counts(8, .7/.15/.15) = 6/1/1 -> train 0-5, gap 6-7, val 8, gap 9-10, test 11
+    assert [(x.index, x.split) for x in s] == [(i, "train") for i in range(6)] + [(8, "val"), (11, "test")]
+    assert [x.index for x in pair_files(spec(tmp_path, modality="XCT", layout=lay))] == list(range(12))  # gap 0: all slices
+    ds = load_dataset(spec(tmp_path, modality="XCT", layout=lay | {"gap": 2}))
+    assert np.array_equal(ds.mask.values[-1], vol[11] > 2000)
+    e = err(pair_files, spec(tmp_path, modality="XCT", layout=lay | {"gap": 5}))
+    assert "12 slices" in e and "needs at least 13" in e and "layout.gap" in e
+
+
+# ---------------------------------------------------------------- non-finite, boolean and constant images
+def test_nonfinite_pixels_are_an_error_naming_file_and_count(tmp_path):
+    img = RNG.normal(100, 5, (16, 20)).astype(np.float32)
+    img[2, 3] = np.nan; img[4, 5] = np.inf; img[6, 7] = -np.inf
+    (tmp_path / "images").mkdir(); (tmp_path / "masks").mkdir()
+    tifffile.imwrite(tmp_path / "images" / "a.tif", img)
+    Image.fromarray((img > 100).astype(np.uint8)).save(tmp_path / "masks" / "a.png")
+    sp = spec(tmp_path, layout={"kind": "flat", "split_fractions": {"train": 1.0}})
+    e = err(load_dataset, sp)
+    assert str(tmp_path / "images" / "a.tif") in e and "3 of 320 pixels are not finite" in e
+    assert "1 NaN, 1 +inf, 1 -inf" in e and '"nonfinite": "fill"' in e
+    # the function-level guard: normalize itself refuses, whatever the kind
+    for kind in ("auto", "percentile", "minmax", "none"):
+        assert "3 of 320" in err(normalize, img[None], NormSpec(kind=kind), source="x.tif")
+
+
+def test_nonfinite_fill_warns_and_uses_the_finite_median(tmp_path):
+    img = np.arange(16 * 20, dtype=np.float32).reshape(16, 20)
+    img[0, 0] = np.nan; img[0, 1] = np.inf
+    (tmp_path / "images").mkdir(); (tmp_path / "masks").mkdir()
+    tifffile.imwrite(tmp_path / "images" / "a.tif", img)
+    Image.fromarray(np.zeros((16, 20), np.uint8)).save(tmp_path / "masks" / "a.png")
+    sp = spec(tmp_path, layout={"kind": "flat", "split_fractions": {"train": 1.0}},
+              normalization=NormSpec(kind="minmax", nonfinite="fill"))
+    with pytest.warns(UserWarning, match=r"a\.tif: 2 non-finite pixels \(1 NaN, 1 \+inf, 0 -inf\)"):
+        ds = load_dataset(sp)
+    x = ds.image.values[0, 0]
+    finite = np.arange(2, 320, dtype=np.float64)  # the 318 finite values 2..319, median 160.5
+    assert np.isfinite(x).all() and x.max() == 1 and x.min() == 0  # not a blank image
+    assert np.allclose(x[0, :2], (160.5 - 2) / (319 - 2)) and np.median(finite) == 160.5
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        filled = check_finite(img[None], "a.tif", "fill")
+    assert len(caught) == 1 and "a.tif" in str(caught[0].message)
+    assert filled[0, 0, 0] == filled[0, 0, 1] == 160.5 and np.isnan(img[0, 0])  # a copy; the input is untouched
+    assert "no finite pixel" in err(check_finite, np.full((2, 3, 3), np.nan), "b.tif", "fill")
+
+
+def test_one_nan_pixel_no_longer_blanks_the_image():
+    img = RNG.normal(size=(1, 32, 32)).astype(np.float32); img[0, 0, 0] = np.nan
+    with pytest.raises(MatsegError, match="1 of 1024"):
+        normalize(img)
+    with pytest.warns(UserWarning):
+        out = normalize(img, NormSpec(nonfinite="fill"))
+    assert np.isfinite(out).all() and out.std() > 0.1  # today's bug: every pixel became 0
+
+
+def test_boolean_images_are_0_and_1(tmp_path):
+    b = RNG.random((1, 8, 9)) > 0.5
+    for kind in ("auto", "percentile", "minmax", "none"):
+        out = normalize(b, NormSpec(kind=kind))
+        assert out.dtype == np.float32 and np.array_equal(out, b.astype(np.float32)), kind
+    Image.fromarray(b[0]).save(tmp_path / "bits.png")  # a 1-bit PNG
+    assert read_image(tmp_path / "bits.png").dtype == bool
+    assert np.array_equal(normalize(read_image(tmp_path / "bits.png")), b.astype(np.float32))  # 1, not 1/255
+    assert read_mask(tmp_path / "bits.png").dtype == np.uint8 and read_mask(tmp_path / "bits.png").max() == 1
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32, np.float64])
+@pytest.mark.parametrize("kind", ["auto", "percentile", "minmax", "none"])
+def test_constant_image_is_defined(dtype, kind):
+    x = np.full((2, 5, 6), 7, dtype)
+    out = normalize(x, NormSpec(kind=kind))
+    assert np.isfinite(out).all() and out.dtype == np.float32
+    expected = 7.0 if kind == "none" else 7 / 255 if (kind == "auto" and dtype == np.uint8) else 0.0
+    assert np.allclose(out, expected)
 
 
 # ---------------------------------------------------------------- bad input
