@@ -16,8 +16,9 @@ import torch
 from .core import MatsegError
 
 # %% auto #0
-__all__ = ['METRIC_KEYS', 'confusion_matrix', 'ConfusionMatrix', 'scores', 'boundary_counts', 'boundary_f1_per_image',
-           'boundary_f1', 'per_image_scores', 'segmentation_report', 'count_parameters', 'time_inference']
+__all__ = ['METRIC_KEYS', 'AGGREGATION', 'TOLERANCE_RULES', 'CSURKA_FRACTION', 'confusion_matrix', 'ConfusionMatrix', 'scores',
+           'boundary_tolerance', 'boundary_counts', 'boundary_f1_per_image', 'boundary_f1', 'per_image_scores',
+           'segmentation_report', 'count_parameters', 'time_inference']
 
 # %% ../nbs/04_metrics.ipynb #a7530d85
 def _as_index(x, name: str, device=None) -> torch.Tensor:
@@ -147,6 +148,11 @@ def scores(cm,  # confusion matrix (n×n array, rows truth) or a `ConfusionMatri
 # %% ../nbs/04_metrics.ipynb #072aabeb
 METRIC_KEYS = {"iou": "miou", "dice": "dice", "pixel_accuracy": "pixel_accuracy", "wiou": "wiou",
                "boundary_f1": "boundary_f1"}
+AGGREGATION = {"iou": "pooled over the split (one confusion matrix)",
+               "dice": "pooled over the split (one confusion matrix)",
+               "pixel_accuracy": "pooled over the split (one confusion matrix)",
+               "wiou": "pooled over the split (one confusion matrix)",
+               "boundary_f1": "mean over images"}
 
 # %% ../nbs/04_metrics.ipynb #5eb84521
 def _inner_boundary(m: torch.Tensor) -> torch.Tensor:
@@ -222,36 +228,58 @@ def _chunks(pred, target, n: int, budget: int = 1 << 24):
     step = max(1, budget // max(1, n * p.shape[-2] * p.shape[-1]))
     for i in range(0, len(p), step): yield p[i:i + step], t[i:i + step]
 
-def _check_tol(tolerance):
+TOLERANCE_RULES = ("pixels", "diagonal")
+CSURKA_FRACTION = 0.0075  # Csurka et al. 2013: the match distance is 0.75 % of the image diagonal
+
+def _check_tol(tolerance, rule: str = "pixels"):
+    if rule not in TOLERANCE_RULES:
+        raise MatsegError(f"boundary tolerance rule {rule!r} is unknown; valid rules: {', '.join(TOLERANCE_RULES)} "
+                          "('diagonal' = 0.75 % of the image diagonal, Csurka et al. 2013)")
     if not tolerance >= 0: raise MatsegError(f"tolerance={tolerance}; boundary tolerance must be >= 0 pixels")
 
-def boundary_counts(pred, target, n_classes: int, tolerance: float = 2, ignore_index: int | None = None) -> np.ndarray:
+def boundary_tolerance(shape,  # image shape (..., H, W)
+                       tolerance: float = 2,  # match distance in pixels for rule "pixels"
+                       rule: str = "pixels",  # "pixels", or "diagonal": 0.75 % of the image diagonal
+                      ) -> float:
+    "The boundary match distance in pixels for one image of `shape` under `rule`."
+    _check_tol(tolerance, rule)
+    if rule == "diagonal":
+        H, W = shape[-2:]
+        return CSURKA_FRACTION * math.hypot(H, W)
+    return tolerance
+
+def boundary_counts(pred, target, n_classes: int, tolerance: float = 2, ignore_index: int | None = None,
+                    *, rule: str = "pixels") -> np.ndarray:
     "Per image and class `(N, n_classes, 4)`: matched predicted, predicted, matched true, true boundary pixels."
-    _check_tol(tolerance); _check_ignore(n_classes, ignore_index)
+    _check_tol(tolerance, rule); _check_ignore(n_classes, ignore_index)
     out = []
-    for p, t in _chunks(pred, target, n_classes):
+    for p, t in _chunks(pred, target, n_classes):  # a chunk holds images of one size
         _check_range(t[t != ignore_index] if ignore_index is not None else t, n_classes, "target")
         _check_range(p, n_classes, "pred")
-        out.append(_boundary_counts(p, t, n_classes, tolerance, ignore_index).cpu().numpy())
+        out.append(_boundary_counts(p, t, n_classes, boundary_tolerance(p.shape, tolerance, rule), ignore_index).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, n_classes, 4), np.int64)
 
 def boundary_f1_per_image(pred,  # predicted class indices (N, H, W), (H, W) or a sequence of them
                           target,  # true class indices, same shapes
                           n_classes: int,  # number of classes
-                          tolerance: float = 2,  # match distance in pixels (Euclidean)
+                          tolerance: float = 2,  # match distance in pixels (Euclidean), for rule "pixels"
                           ignore_index: int | None = None,  # target value to skip
+                          *,
+                          rule: str = "pixels",  # "pixels", or "diagonal": 0.75 % of each image's diagonal (Csurka)
                          ) -> np.ndarray:
     "Boundary F1 per image and class, `(N, n_classes)`, NaN where neither side has a boundary of the class."
-    return _bf_from_counts(boundary_counts(pred, target, n_classes, tolerance, ignore_index))
+    return _bf_from_counts(boundary_counts(pred, target, n_classes, tolerance, ignore_index, rule=rule))
 
 def boundary_f1(pred,  # predicted class indices (N, H, W), (H, W) or a sequence of them
                 target,  # true class indices, same shapes
                 n_classes: int,  # number of classes
-                tolerance: float = 2,  # match distance in pixels (Euclidean)
+                tolerance: float = 2,  # match distance in pixels (Euclidean), for rule "pixels"
                 ignore_index: int | None = None,  # target value to skip
+                *,
+                rule: str = "pixels",  # "pixels", or "diagonal": 0.75 % of each image's diagonal (Csurka)
                ) -> np.ndarray:
     "Per-class boundary F1, averaged over images (images where it is NaN are skipped), shape `(n_classes,)`."
-    f = boundary_f1_per_image(pred, target, n_classes, tolerance, ignore_index)
+    f = boundary_f1_per_image(pred, target, n_classes, tolerance, ignore_index, rule=rule)
     return np.array([_nanmean(f[:, c]) for c in range(n_classes)])
 
 # %% ../nbs/04_metrics.ipynb #0b08fba8
@@ -271,15 +299,15 @@ def _names(n_classes: int, class_names) -> list[str]:
 
 _SCALARS = ("pixel_accuracy", "miou", "miou_all", "dice", "dice_all", "wiou")
 
-def _evaluate(preds, targets, n_classes, tolerance, ignore_index):
+def _evaluate(preds, targets, n_classes, tolerance, ignore_index, rule="pixels"):
     "Per-image confusion matrices `(N, n, n)` and boundary counts `(N, n, 4)`."
-    _check_tol(tolerance); _check_ignore(n_classes, ignore_index)
+    _check_tol(tolerance, rule); _check_ignore(n_classes, ignore_index)
     cms, bcs = [], []
     for p, t in _chunks(preds, targets, n_classes):
         _check_range(t[t != ignore_index] if ignore_index is not None else t, n_classes, "target")
         _check_range(p, n_classes, "pred")
         cms.append(_per_image_cms(p, t, n_classes, ignore_index))
-        bcs.append(_boundary_counts(p, t, n_classes, tolerance, ignore_index).cpu().numpy())
+        bcs.append(_boundary_counts(p, t, n_classes, boundary_tolerance(p.shape, tolerance, rule), ignore_index).cpu().numpy())
     if not cms: raise MatsegError("no images to score: preds and targets are empty")
     return np.concatenate(cms), np.concatenate(bcs)
 
@@ -300,24 +328,28 @@ def per_image_scores(preds,  # predicted class indices (N, H, W), (H, W) or a se
                      targets,  # true class indices, same shapes
                      n_classes: int,  # number of classes
                      class_names: Sequence[str] | None = None,  # column suffixes; default "0", "1", ...
-                     tolerance: float = 2,  # boundary F1 tolerance in pixels
+                     tolerance: float = 2,  # boundary F1 tolerance in pixels (rule "pixels")
                      ignore_index: int | None = None,  # target value to skip
+                     *,
+                     rule: str = "pixels",  # boundary F1 tolerance rule: "pixels" or "diagonal" (0.75 % of the diagonal)
                     ):
     "One row of scores per image (pandas DataFrame)."
     names = _names(n_classes, class_names)
-    return _table(*_evaluate(preds, targets, n_classes, tolerance, ignore_index), names)
+    return _table(*_evaluate(preds, targets, n_classes, tolerance, ignore_index, rule), names)
 
 # %% ../nbs/04_metrics.ipynb #5fb1fbe4
 def segmentation_report(preds,  # predicted class indices (N, H, W), (H, W) or a sequence of them
                         targets,  # true class indices, same shapes
                         n_classes: int,  # number of classes
                         class_names: Sequence[str] | None = None,  # class names; default "0", "1", ...
-                        tolerance: float = 2,  # boundary F1 tolerance in pixels
+                        tolerance: float = 2,  # boundary F1 tolerance in pixels (rule "pixels")
                         ignore_index: int | None = None,  # target value to skip
+                        *,
+                        rule: str = "pixels",  # boundary F1 tolerance rule: "pixels" or "diagonal" (0.75 % of the diagonal)
                        ) -> dict:
     "Micro (whole split) and per-image-mean scores of a split, plus the per-image table."
     names = _names(n_classes, class_names)
-    cms, bcs = _evaluate(preds, targets, n_classes, tolerance, ignore_index)
+    cms, bcs = _evaluate(preds, targets, n_classes, tolerance, ignore_index, rule)
     micro = scores(cms.sum(0))
     bf_micro = _bf_from_counts(bcs.sum(0)); fg = _fg(n_classes)
     micro.update(boundary_f1_per_class=bf_micro.tolist(), boundary_f1=_nanmean(bf_micro[fg]),
@@ -326,7 +358,7 @@ def segmentation_report(preds,  # predicted class indices (N, H, W), (H, W) or a
     mean = {k: _nanmean(table[k]) for k in (*_SCALARS, "boundary_f1")}
     for key, col in (("iou_per_class", "iou"), ("dice_per_class", "dice"), ("boundary_f1_per_class", "boundary_f1")):
         mean[key] = [_nanmean(table[f"{col}_{c}"]) for c in names]
-    return {"classes": names, "n_classes": n_classes, "n_images": len(table), "tolerance": tolerance,
+    return {"classes": names, "n_classes": n_classes, "n_images": len(table), "tolerance": tolerance, "tolerance_rule": rule,
             "ignore_index": ignore_index, "micro": micro, "per_image_mean": mean,
             "per_image": table.to_dict("records")}
 

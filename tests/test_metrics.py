@@ -12,7 +12,8 @@ from torchmetrics.classification import (MulticlassAccuracy, MulticlassConfusion
                                          MulticlassJaccardIndex)
 
 from matseg.core import MatsegError
-from matseg.metrics import (METRIC_KEYS, ConfusionMatrix, boundary_f1, boundary_f1_per_image, confusion_matrix,
+from matseg.metrics import (AGGREGATION, METRIC_KEYS, ConfusionMatrix, boundary_f1, boundary_f1_per_image, boundary_tolerance,
+                            confusion_matrix,
                             count_parameters, per_image_scores, scores, segmentation_report, time_inference)
 
 TOL = 1e-6
@@ -169,6 +170,55 @@ def test_boundary_f1_against_scipy_oracle(tol):
     got = boundary_f1_per_image(torch.as_tensor(p), torch.as_tensor(t), 3, tolerance=tol)
     ref = np.stack([_oracle_bf(a, b, 3, tol) for a, b in zip(p, t)])
     assert np.allclose(got, ref, atol=TOL, equal_nan=True)
+
+
+def test_boundary_tolerance_rules():
+    assert boundary_tolerance((512, 512), 3) == 3 and boundary_tolerance((2, 512, 512), 3, "pixels") == 3
+    assert math.isclose(boundary_tolerance((300, 400), rule="diagonal"), 3.75)  # 0.75 % of the 500 px diagonal
+    assert math.isclose(boundary_tolerance((4, 1024, 1024), 99, "diagonal"), 0.0075 * 1024 * math.sqrt(2))
+    with pytest.raises(MatsegError, match="valid rules: pixels, diagonal"):
+        boundary_f1(np.zeros((4, 4), int), np.zeros((4, 4), int), 2, rule="csurka")
+
+
+def test_boundary_f1_diagonal_rule_by_hand():
+    # a 10x10 square shifted 2 px right: 36 contour pixels each side
+    big = np.zeros((200, 200), int); big[5:15, 5:15] = 1
+    small = big[:40, :40].copy()
+    # 200²: tolerance 0.0075·200·√2 = 2.12 px >= the 2 px shift, every contour pixel matches
+    assert boundary_f1(np.roll(big, 2, 1), big, 2, rule="diagonal")[1] == 1.0
+    assert math.isclose(boundary_f1(np.roll(big, 2, 1), big, 2, tolerance=1)[1], 20 / 36)  # pixel rule, 1 px
+    # 40²: tolerance 0.42 px, only the 8 + 8 shared pixels of the top and bottom edges match: P = R = 16/36
+    assert math.isclose(boundary_f1(np.roll(small, 2, 1), small, 2, tolerance=5, rule="diagonal")[1], 16 / 36)
+    # per image: each image of a sequence gets the tolerance of its own size
+    per = boundary_f1_per_image([np.roll(big, 2, 1), np.roll(small, 2, 1)], [big, small], 2, rule="diagonal")
+    assert np.allclose(per[:, 1], [1.0, 16 / 36])
+    # same as the pixel rule at the equivalent distance
+    p, t = _random(3, shape=(2, 96, 128), seed=4, p_correct=0.9)
+    assert np.allclose(boundary_f1_per_image(p, t, 3, rule="diagonal"),
+                       boundary_f1_per_image(p, t, 3, tolerance=0.0075 * 160), equal_nan=True)  # diagonal 160
+    r = segmentation_report(p, t, 3, rule="diagonal")
+    assert r["tolerance_rule"] == "diagonal" and segmentation_report(p, t, 3)["tolerance_rule"] == "pixels"
+    assert np.allclose(r["per_image_mean"]["boundary_f1_per_class"], boundary_f1(p, t, 3, rule="diagonal"))
+    df = per_image_scores(p, t, 3, rule="diagonal")
+    assert np.allclose(df["boundary_f1_1"], boundary_f1_per_image(p, t, 3, rule="diagonal")[:, 1], equal_nan=True)
+
+
+def test_aggregation_labels_match_the_computation():
+    assert set(AGGREGATION) == set(METRIC_KEYS)
+    # two images: a perfect one and a bad one of very different sizes, so pooled and per-image means differ
+    a = np.zeros((8, 8), int); a[2:6, 2:6] = 1
+    b = np.zeros((32, 32), int); b[4:20, 4:20] = 1
+    pb = np.roll(b, 3, 1)
+    r = segmentation_report([a, pb], [a, b], 2, tolerance=0)
+    pooled = ConfusionMatrix(2).update(a, a).update(pb, b).scores()
+    for m in ("iou", "dice", "pixel_accuracy", "wiou"):
+        assert AGGREGATION[m].startswith("pooled over the split")
+        assert math.isclose(r["micro"][METRIC_KEYS[m]], pooled[METRIC_KEYS[m]])
+        assert not math.isclose(r["micro"][METRIC_KEYS[m]], r["per_image_mean"][METRIC_KEYS[m]])
+    # boundary F1 as benchmarked (`boundary_f1`) is the per-image mean, not the pooled-count BF
+    bf = boundary_f1([a, pb], [a, b], 2, tolerance=0)[1]
+    assert AGGREGATION["boundary_f1"] == "mean over images"
+    assert math.isclose(bf, r["per_image_mean"]["boundary_f1"]) and not math.isclose(bf, r["micro"]["boundary_f1"])
 
 
 def test_boundary_f1_ignore_index():
