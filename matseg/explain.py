@@ -604,7 +604,7 @@ def counterfactual_heatmap(model: nn.Module,  # segmentation model: (N, C, H, W)
                            *,
                            mode: str = "exact",  # "exact" | "fast" | "naive" | "batched" | "incremental", see below
                            coarse: int = 2,  # fast: exact on every coarse-th grid row and column first
-                           refine: float = 0.05,  # fast: then exact wherever the interpolated map >= refine * max
+                           refine: float = 0.1,  # fast: then exact wherever the interpolated map >= refine * max
                            check: int = 32,  # fast: grid locations computed exactly to measure its error
                           ) -> xr.DataArray:
     "Influence H_ij of a perturbation at each kernel centre on the prediction inside the region (dims y, x)."
