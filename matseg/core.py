@@ -5,15 +5,19 @@
 # %% ../nbs/12_core.ipynb #fab2ee25
 from __future__ import annotations
 
+import argparse
 import contextlib
+import csv
+import io
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['MatsegError', 'atomic_path', 'atomic_write_bytes', 'atomic_write_text', 'atomic_write_json', 'asset_path',
-           'resolve_device']
+__all__ = ['DEVICE_HELP', 'MatsegError', 'atomic_path', 'atomic_write_bytes', 'atomic_write_text', 'atomic_write_json',
+           'asset_path', 'resolve_device', 'write_csv', 'check_out_dir', 'cli_parser']
 
 # %% ../nbs/12_core.ipynb #44d8d5dd
 class MatsegError(Exception):
@@ -81,7 +85,67 @@ def resolve_device(name: str = "auto",  # "auto", "cpu", "cuda", "cuda:1", "mps"
     import torch
     if name in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try: dev = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise MatsegError(f"device {name!r} is not a device name; use auto, cpu, cuda, cuda:N or mps") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise MatsegError(f"device {name!r} was requested but CUDA is not available here; use --device cpu or auto")
     return dev
+
+# %% ../nbs/12_core.ipynb #adb9f270
+def write_csv(path: str | os.PathLike,  # destination
+              header: list[str],  # column names
+              rows,  # iterable of row sequences
+             ) -> Path:
+    "Write a CSV file with the csv module, atomically."
+    buf = io.StringIO(); w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header); w.writerows(rows)
+    return atomic_write_text(path, buf.getvalue())
+
+# %% ../nbs/12_core.ipynb #f3cd7362
+DEVICE_HELP = "auto (CUDA when available; the default), cpu, cuda, cuda:N, mps"
+
+def check_out_dir(path: str | os.PathLike,  # the folder a command will write into
+                  what: str = "--out",  # how the user named it (for the message)
+                 ) -> Path:
+    "The folder as a Path if it is (or can be created as) a writable directory; else MatsegError naming it and the fix."
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise MatsegError(f"{what} {p} is an existing file, not a folder; give a folder (it is created if missing)")
+    q = p
+    while not q.exists(): q = q.parent
+    if not q.is_dir():
+        raise MatsegError(f"{what} {p}: {q} is a file, so the folder cannot be created; choose another path")
+    if not os.access(q, os.W_OK | os.X_OK):
+        raise MatsegError(f"{what} {p}: {q} is not writable by this user; choose a folder you can write to")
+    return p
+
+def _device_arg(text: str) -> str:
+    if text in ("auto", "cpu", "mps") or re.fullmatch(r"cuda(:\d+)?", text): return text
+    raise argparse.ArgumentTypeError(f"{text!r} is not a device; use {DEVICE_HELP}")
+
+def _out_arg(text: str) -> str:
+    try: check_out_dir(text)
+    except MatsegError as e: raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+def cli_parser(cmd: str,  # subcommand name
+               description: str,  # what it does
+               *, profile: str | None = None,  # None | "positional" | "option" | "optional": how the profile is given
+               out: str | None = None,  # help of a required --out (None: no --out); prefix "optional:" for an optional one
+               device: bool = True,  # add --device
+              ) -> argparse.ArgumentParser:
+    "An ArgumentParser with matseg's shared arguments (profile + --set, --out, --device)."
+    ap = argparse.ArgumentParser(prog=f"matseg {cmd}", description=description)
+    if profile == "positional": ap.add_argument("profile", help="profile JSON file")
+    elif profile in ("option", "optional"):
+        ap.add_argument("--profile", required=profile == "option", help="profile JSON file"
+                        + (" (default: the one recorded in the run folder)" if profile == "optional" else ""))
+    if profile:
+        ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a profile value, e.g. --set training.max_epochs=2 (repeatable)")
+    if out is not None:
+        opt = out.startswith("optional:")
+        ap.add_argument("--out", required=not opt, type=_out_arg, help=out.removeprefix("optional:"))
+    if device: ap.add_argument("--device", default="auto", type=_device_arg, help=DEVICE_HELP)
+    return ap

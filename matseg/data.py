@@ -5,7 +5,6 @@
 # %% ../nbs/01_data.ipynb #a3c89aa0
 from __future__ import annotations
 
-import argparse
 import fnmatch
 import json
 import logging
@@ -18,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from .core import MatsegError
+from .core import MatsegError, cli_parser
+from .profile import apply_overrides, load_profile
 
 # %% auto #0
 __all__ = ['IMAGE_EXTS', 'MASK_DIR_SUFFIXES', 'IMAGENET_MEAN', 'IMAGENET_STD', 'read_image', 'read_mask', 'decode_mask', 'Sample',
@@ -715,12 +715,10 @@ def summary_table(summary: dict,  # from `summarize`
 def cli_data(argv: list[str] | None = None,  # arguments after `matseg data`
             ) -> int:
     "`matseg data PROFILE [--json]`: summarise each dataset of a profile."
-    ap = argparse.ArgumentParser(prog="matseg data", description="Summarise each dataset of a profile: splits, image shapes "
-                                 "and dtypes, channels, classes and their pixel fractions per split.")
-    ap.add_argument("profile", help="profile JSON file")
+    ap = cli_parser("data", "Summarise each dataset of a profile: splits, image shapes and dtypes, channels, classes "
+                    "and their pixel fractions per split.", profile="positional", device=False)
     ap.add_argument("--json", action="store_true", help="print the summary as JSON")
     args = ap.parse_args(argv)
-    from matseg.profile import load_profile
-    s = summarize(load_profile(args.profile))
+    s = summarize(apply_overrides(load_profile(args.profile), args.overrides))
     sys.stdout.write(json.dumps(s, indent=2) + "\n" if args.json else summary_table(s))
     return 0

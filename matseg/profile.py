@@ -5,7 +5,6 @@
 # %% ../nbs/00_profile.ipynb #b1abeb2b
 from __future__ import annotations
 
-import argparse
 import difflib
 import json
 import math
@@ -19,7 +18,7 @@ from pydantic import (AfterValidator, AllowInfNan, BaseModel, BeforeValidator, C
                       ValidationError, field_validator, model_validator)
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from .core import MatsegError, asset_path, atomic_write_json
+from .core import MatsegError, asset_path, atomic_write_json, cli_parser
 
 # %% auto #0
 __all__ = ['NAME_MAX_BYTES', 'NAME_MAX', 'SEED_MAX', 'RGB', 'MaskEncoding', 'Modality', 'METRICS', 'QC_SIGNALS',
@@ -675,17 +674,12 @@ def summary_text(profile: Profile) -> str:
     lines.append(f"jobs     {len(compile_profile(profile))} (datasets x encoders x decoders x seeds)")
     return "\n".join(lines)
 
-def _parser(cmd: str, help: str) -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog=f"matseg {cmd}", description=help)
-    return ap
-
 def cli_validate(argv: list[str]) -> int:
     "`matseg validate PROFILE`: exit 0 with a summary, or 2 with every problem."
-    ap = _parser("validate", "Validate a profile (structure, names, paths) and print a one-screen summary.")
-    ap.add_argument("profile", help="profile JSON file")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. training.max_epochs=2")
+    ap = cli_parser("validate", "Validate a profile (structure, names, paths) and print a one-screen summary.",
+                    profile="positional", device=False)
     a = ap.parse_args(argv)
-    prof = apply_overrides(load_profile(a.profile), a.set)
+    prof = apply_overrides(load_profile(a.profile), a.overrides)
     errs = check_paths(prof)
     if errs: raise ProfileError(a.profile, errs)
     print(summary_text(prof))
@@ -694,12 +688,11 @@ def cli_validate(argv: list[str]) -> int:
 
 def cli_jobs(argv: list[str]) -> int:
     "`matseg jobs PROFILE [--json]`: the job grid."
-    ap = _parser("jobs", "List the job grid dataset x encoder x decoder x seed of a profile.")
-    ap.add_argument("profile", help="profile JSON file")
+    ap = cli_parser("jobs", "List the job grid dataset x encoder x decoder x seed of a profile.", profile="positional",
+                    device=False)
     ap.add_argument("--json", action="store_true", help="print JSON")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. training.seeds=[0,1,2]")
     a = ap.parse_args(argv)
-    jobs = compile_profile(apply_overrides(load_profile(a.profile), a.set))
+    jobs = compile_profile(apply_overrides(load_profile(a.profile), a.overrides))
     if a.json: print(json.dumps([j.to_dict() for j in jobs], indent=2))
     else:
         for j in jobs: print(j.id)
@@ -708,7 +701,7 @@ def cli_jobs(argv: list[str]) -> int:
 
 def cli_schema(argv: list[str]) -> int:
     "`matseg schema [--out FILE]`: the profile JSON Schema."
-    ap = _parser("schema", "Print (or write) the JSON Schema of profiles.")
+    ap = cli_parser("schema", "Print (or write) the JSON Schema of profiles.", device=False)
     ap.add_argument("--out", help="write to this file instead of printing")
     a = ap.parse_args(argv)
     if a.out: print(write_schema(a.out))

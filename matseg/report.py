@@ -5,86 +5,39 @@
 # %% ../nbs/09_report.ipynb #807632a9
 from __future__ import annotations
 
-import argparse
 import base64
 import datetime
-import html
 import io
 import json
 import math
+import warnings
 from html.parser import HTMLParser
 from pathlib import Path
 
+import jinja2
 import numpy as np
+import pandas as pd
+import torch
+from markupsafe import Markup
+from PIL import Image
+from sklearn.exceptions import ConvergenceWarning
 
-from .core import MatsegError, atomic_write_bytes, atomic_write_json, atomic_write_text
+from . import ood
+from .core import (MatsegError, asset_path, atomic_write_bytes, atomic_write_json, atomic_write_text, check_out_dir,
+                         cli_parser)
+from .data import overlay
+from .explain import counterfactual_heatmap, overlay_png, perturbation_validation, region_mask, upsample
+from .metrics import AGGREGATION, ConfusionMatrix, scores
+from .profile import apply_overrides, load_profile
+from .runs import CHECKPOINT, RESULT, Run, TrainedJob, find_checkpoint, find_profile
 
 # %% auto #0
-__all__ = ['REPORT_FORMAT', 'PROFILE_FILE', 'find_checkpoint', 'papermill_parameters', 'find_profile', 'png_bytes', 'data_uri',
-           'display_image', 'predict_probs', 'image_scores', 'default_region', 'heatmap_window', 'qc_tile',
-           'qc_signals', 'explain_image', 'profile_excerpt', 'build_report', 'render_html', 'external_refs',
-           'select_best', 'best_jobs', 'report_best_jobs', 'cli_report']
+__all__ = ['REPORT_FORMAT', 'png_bytes', 'data_uri', 'display_image', 'image_scores', 'default_region', 'heatmap_window',
+           'qc_tile', 'qc_signals', 'explain_image', 'profile_excerpt', 'build_report', 'render_html', 'external_refs',
+           'best_jobs', 'report_best_jobs', 'cli_report']
 
 # %% ../nbs/09_report.ipynb #85599443
-REPORT_FORMAT = "matseg-report/1"
-PROFILE_FILE = "profile.json"
-
-def find_checkpoint(path,  # job folder OUT/<dataset>/<job_id>, or its checkpoint .safetensors / .json
-                   ) -> tuple[Path, Path]:
-    "(job folder, checkpoint file) of a job; MatsegError naming the path and the fix."
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise MatsegError(f"{p} does not exist; give a job folder OUT/<dataset>/<job_id> (with checkpoint.safetensors), "
-                          "its checkpoint file, or a `matseg bench` output folder")
-    if p.is_dir():
-        ck = p / "checkpoint.safetensors"
-        if not ck.is_file():
-            raise MatsegError(f"{p} holds no checkpoint.safetensors; point at a job folder OUT/<dataset>/<job_id> of a "
-                              "`matseg bench` run (a job writes its checkpoint after its first validation), or run / "
-                              "resume the benchmark first")
-        return p, ck
-    if p.suffix == ".json": p = p.with_suffix(".safetensors")
-    if p.suffix != ".safetensors" or not p.is_file():
-        raise MatsegError(f"{path} is not a matseg checkpoint; give the job folder or its checkpoint.safetensors")
-    return p.parent, p
-
-def papermill_parameters(notebook: Path,  # an executed notebook (e.g. OUT/<dataset>/benchmark.ipynb)
-                        ) -> dict:
-    "The literal assignments of its papermill `injected-parameters` cell ({} if there is none)."
-    import ast
-    try: nb = json.loads(Path(notebook).read_text())
-    except (OSError, json.JSONDecodeError): return {}
-    out = {}
-    for c in nb.get("cells", []):
-        if "injected-parameters" not in c.get("metadata", {}).get("tags", []): continue
-        src = "".join(c["source"]) if isinstance(c["source"], list) else c["source"]
-        for node in ast.parse(src).body:
-            if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-                try: out[node.targets[0].id] = ast.literal_eval(node.value)
-                except ValueError: pass
-    return out
-
-def find_profile(job_dir: Path,  # job folder
-                 profile=None,  # a Profile, a path to one, or None (search next to the run)
-                ):
-    "The profile of a job: given; else `profile.json` in the job/dataset/run folder; else the one `matseg bench` ran."
-    from matseg.profile import Profile, apply_overrides, load_profile
-    if isinstance(profile, Profile): return profile
-    if profile is not None:
-        if not Path(profile).is_file():
-            raise MatsegError(f"profile {profile} does not exist; give the profile JSON the job was trained with")
-        return load_profile(profile)
-    cands = [d / PROFILE_FILE for d in (job_dir, job_dir.parent, job_dir.parent.parent)]
-    for c in cands:
-        if c.is_file(): return load_profile(c)
-    nb = job_dir.parent / "benchmark.ipynb"
-    par = papermill_parameters(nb) if nb.is_file() else {}
-    if par.get("profile_path") and Path(par["profile_path"]).is_file():
-        p = load_profile(par["profile_path"])
-        return apply_overrides(p, list(par["overrides"])) if par.get("overrides") else p
-    raise MatsegError(f"no profile found for {job_dir}: looked for {', '.join(map(str, cands))} and the profile_path "
-                      f"parameter of {nb}; pass the profile the job was trained with (`matseg report ... --profile "
-                      "PROFILE`, or build_report(..., profile=...))")
+REPORT_FORMAT = "matseg-report/2"
 
 # %% ../nbs/09_report.ipynb #babb1d2a
 def png_bytes(arr: np.ndarray,  # (H, W) uint8/bool, (H, W, 3) uint8, or float in [0, 1]
@@ -115,29 +68,11 @@ def display_image(image: np.ndarray,  # (C, H, W) model input
     return np.clip((x - lo) / (hi - lo), 0, 1) if hi > lo else np.zeros_like(x)
 
 # %% ../nbs/09_report.ipynb #616e3383
-def predict_probs(model,  # model in eval mode
-                  image,  # (C, H, W) tensor/array as the model expects
-                  n_classes: int,  # output classes
-                  meta: dict,  # checkpoint sidecar (crop_size, tile_overlap)
-                 ) -> np.ndarray:
-    "Class probabilities (K, H, W) of a full image by tiled inference."
-    import torch
-
-    from matseg.train import predict_tiled
-    x = torch.as_tensor(np.asarray(image, np.float32))
-    H, W = x.shape[-2:]
-    size = min(int(meta.get("crop_size") or 512), H, W) // 32 * 32
-    if size < 32:
-        raise MatsegError(f"images of {H}x{W} pixels are smaller than the 32 pixels the models need; use larger images")
-    overlap = min(int(meta.get("tile_overlap") or 0), size // 2)
-    return predict_tiled(model, x, n_classes, size, overlap).cpu().numpy()
-
 def image_scores(pred: np.ndarray,  # (H, W) predicted classes
                  truth: np.ndarray,  # (H, W) true classes
                  n_classes: int,  # number of classes
                 ) -> dict:
     "Per-image IoU per class and foreground mIoU / Dice / pixel accuracy (metrics.scores)."
-    from matseg.metrics import ConfusionMatrix, scores
     cm = ConfusionMatrix(n_classes); cm.update(np.asarray(pred)[None].astype(np.int64), np.asarray(truth)[None].astype(np.int64))
     s = scores(cm)
     return {"iou": s["iou"], "miou": s["miou"], "dice": s["dice"], "pixel_accuracy": s["pixel_accuracy"]}
@@ -176,10 +111,10 @@ def qc_tile(shape: tuple[int, int],  # image (H, W)
     "Crop side for Forte: 256, or half the smaller image side rounded down to a multiple of 32 (>= 64)."
     return int(max(64, min(256, min(shape) // 2 // 32 * 32)))
 
-def qc_signals(model,  # the job's model (its encoder embeds the crops)
-               train_images: np.ndarray,  # (N, C, H, W) training-split images as the model sees them
-               images: np.ndarray,  # (M, C, H, W) images of the reported split
-               names: list[str],  # sample names of `images`
+def qc_signals(tj: TrainedJob,  # the job (its encoder embeds the crops)
+               train_x: torch.Tensor,  # (N, C, H, W) training-split images as model tensors (`TrainedJob.load_split`)
+               x: torch.Tensor,  # (M, C, H, W) images of the reported split as model tensors
+               names: list[str],  # sample names of `x`
                deployment_threshold: float = 0.95,  # profile task.deployment_threshold
                tile: int | None = None,  # crop side (None: `qc_tile`)
                k: int = 5,  # Forte nearest neighbours
@@ -187,21 +122,13 @@ def qc_signals(model,  # the job's model (its encoder embeds the crops)
                seed: int = 0,  # Forte seed
               ) -> dict:
     "Forte typicality of the split vs the training split: metrics, readiness, per-image scores (or why unavailable)."
-    import importlib
-    try:
-        ood = importlib.import_module("matseg.ood")
-    except ImportError as e:
-        return {"available": False, "reason": f"matseg.ood is not available in this installation ({e})"}
-    import warnings
-
-    from sklearn.exceptions import ConvergenceWarning
-    tile = tile or qc_tile(tuple(images.shape[-2:]))
+    tile = tile or qc_tile(tuple(x.shape[-2:]))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)  # GMM k-means init on few crops; scores stay valid
-            ctr, gtr, _ = ood.tile_images(list(train_images), tile)
-            cte, gte, _ = ood.tile_images(list(images), tile)
-            ftr, fte = ood.encoder_features(model, np.stack(ctr)), ood.encoder_features(model, np.stack(cte))
+            ctr, gtr, _ = ood.tile_images([t.numpy() for t in train_x], tile)
+            cte, gte, _ = ood.tile_images([t.numpy() for t in x], tile)
+            ftr, fte = tj.features(np.stack(ctr)), tj.features(np.stack(cte))
             forte = ood.Forte(detector, k=k, seed=seed).fit(ftr, groups=gtr)
             mode = "batch" if len(fte) >= k + 1 else "single"
             st = np.asarray(forte.score(fte, mode), float)
@@ -226,7 +153,7 @@ def qc_signals(model,  # the job's model (its encoder embeds the crops)
 
 # %% ../nbs/09_report.ipynb #0a1b4647
 def explain_image(model,  # the job's model
-                  image: np.ndarray,  # (C, H, W) full image as the model sees it
+                  image,  # (C, H, W) full image as the model sees it (model tensor from the job's pipeline)
                   pred: np.ndarray,  # (H, W) predicted classes of the full image
                   classes: list[str],  # class names
                   heatmap_size: int = 256,  # largest window side
@@ -235,32 +162,33 @@ def explain_image(model,  # the job's model
                   kernel: str = "occlude",  # explain.KERNELS key
                   top_k: int = 5,  # patches per arm of the perturbation validation
                   channels: list[str] | None = None,  # channel names (display)
+                  display: np.ndarray | None = None,  # (C, H, W) [0, 1] image to draw on (default: `image`)
+                  mode: str | None = None,  # counterfactual_heatmap mode (None: "fast" on a CPU, else "exact")
                  ) -> tuple[dict, bytes, np.ndarray]:
     "(record, PNG of the image with the heatmap window overlaid, heatmap grid) over the default region A."
-    import torch
-
-    from matseg.explain import (_probs, counterfactual_heatmap, overlay_png, perturbation_validation, region_mask,
-                                upsample)
     k, why = default_region(pred, classes)
     y0, x0, h, w = heatmap_window(None if k is None else pred == k, pred.shape, heatmap_size)
-    x = torch.as_tensor(np.ascontiguousarray(image[:, y0:y0 + h, x0:x0 + w], np.float32))
+    x = torch.as_tensor(image)[:, y0:y0 + h, x0:x0 + w].float().contiguous()
     p = int(patch or max(8, min(h, w) // 8)); s = int(stride or p)
     dev = next(model.parameters()).device
-    with torch.inference_mode(): Z = _probs(model.eval(), x[None].to(dev))[0].float().cpu()
+    with torch.inference_mode(): Z = model.eval()(x[None].to(dev)).float().softmax(1)[0].cpu()
     region, where = k, why
     if k is None or not bool((Z.argmax(0) == k).any()):
         region = (w // 4, h // 4, w - w // 4, h - h // 4)
         if k is not None: where = f"central box of the window (class {classes[k]!r} is not predicted in the window)"
     A = region_mask(region, (h, w), Z, classes)
-    hm = counterfactual_heatmap(model, x, A, kernel=kernel, patch=p, stride=s, batch_size=32, classes=classes)
+    mode = mode or ("fast" if dev.type == "cpu" else "exact")
+    hm = counterfactual_heatmap(model, x, A, kernel=kernel, patch=p, stride=s, batch_size=32, classes=classes, mode=mode)
     try: val = perturbation_validation(model, x, A, hm, top_k=top_k)
     except MatsegError as e: val = {"error": str(e)}
     rec = {"region": where, "region_class": None if isinstance(region, tuple) else classes[region],
            "region_pixels": int(A.sum()), "window": {"y0": y0, "x0": x0, "height": h, "width": w},
            "kernel": kernel, "patch": p, "stride": s, "n_locations": int(hm.attrs["n_locations"]),
+           "mode": hm.attrs.get("mode"), "path": hm.attrs.get("path"), "fast_check_pearson": hm.attrs.get("fast_check_pearson"),
+           "fast_top10_exact": hm.attrs.get("fast_top10_exact"),
            "seconds": float(hm.attrs["seconds"]), "max_influence": float(np.nanmax(hm.values)),
            "validation_ratio": None if "error" in val else float(val["ratio"]), "validation": val}
-    full = display_image(image, channels)
+    full = display_image(np.asarray(display if display is not None else image), channels)
     full = full.transpose(2, 0, 1) if full.ndim == 3 else full[None]
     win = np.asarray(overlay_png(full[:, y0:y0 + h, x0:x0 + w], upsample(hm, (h, w)), A))
     rgb = (np.repeat(full[:1], 3, 0) if full.shape[0] != 3 else full).transpose(1, 2, 0) * 255
@@ -305,7 +233,7 @@ def _json_safe(o):
     return o
 
 def build_report(job,  # job folder OUT/<dataset>/<job_id> or its checkpoint.safetensors
-                 profile=None,  # Profile or path; None: profile.json next to the run
+                 profile=None,  # Profile or path; None: the profile recorded in the run folder
                  split: str = "test",  # split whose images are shown and QC-scored
                  n_images: int = 4,  # images shown with masks (and heatmaps)
                  ood: bool = True,  # compute the QC signals Q (Forte)
@@ -315,32 +243,15 @@ def build_report(job,  # job folder OUT/<dataset>/<job_id> or its checkpoint.saf
                  heatmap_size: int = 256,  # heatmap window side (pixels, multiple of 32)
                  patch: int | None = None,  # heatmap kernel side (None: window/8)
                  stride: int | None = None,  # heatmap kernel step (None: = patch)
-                 selection: dict | None = None,  # how the job was chosen (from `best_jobs`), quoted in the report
+                 selection: dict | None = None,  # how the job was chosen (from `Run.best_jobs`), quoted in the report
                 ) -> dict:
     "Build the feedback report of a job; write report.json, report.html and images/ into `out`; return the record."
-    import torch
-
-    from matseg.core import resolve_device
-    from matseg.data import load_dataset, overlay
-    from matseg.models import load_checkpoint
-    jdir, ck = find_checkpoint(job)
-    dev = resolve_device(device)
-    model, meta = load_checkpoint(ck, device=str(dev))
-    name = meta.get("dataset")
-    if not name: raise MatsegError(f"{ck.with_suffix('.json')} does not name its dataset; it was not written by matseg training")
-    prof = find_profile(jdir, profile)
-    spec = prof.dataset(name)
-    classes = list(meta.get("class_names") or spec.classes)
-    if classes != list(spec.classes):
-        raise MatsegError(f"{ck}: trained for classes {classes} but dataset {name!r} in profile {prof.name!r} has "
-                          f"{list(spec.classes)}; pass the profile the job was trained with")
-    K = len(classes)
-    splits = [split] + (["train"] if ood and split != "train" else [])
-    ds = load_dataset(spec, prof.base_dir, splits=splits)
-    sel = np.asarray(ds["split"].values) == split
-    imgs = np.asarray(ds["image"].values[sel], np.float32); masks = np.asarray(ds["mask"].values[sel])
-    names = [str(s) for s in np.asarray(ds["sample"].values)[sel]]
-    files = [str(f) for f in np.asarray(ds["file"].values)[sel]]
+    if out is not None: check_out_dir(out)
+    tj = TrainedJob.open(job, profile, device)
+    jdir, ck, meta, model = tj.job_dir, tj.checkpoint, tj.meta, tj.model
+    spec, prof, classes, K, name = tj.spec(), tj.profile, tj.classes, tj.n_classes, tj.dataset
+    sp = tj.load_split(split)
+    imgs, unit, masks, names, files = sp["x"], sp["unit"], sp["masks"], sp["names"], sp["files"]
     if not names: raise MatsegError(f"dataset {name!r} has no images in split {split!r}; choose another --split")
     out = Path(out) if out is not None else jdir / "report"
     t0 = datetime.datetime.now(datetime.timezone.utc)
@@ -351,11 +262,9 @@ def build_report(job,  # job folder OUT/<dataset>/<job_id> or its checkpoint.saf
         return f"images/{key}.png"
 
     shown, preds = [], []
-    for i in range(len(names)):
-        prob = predict_probs(model, imgs[i], K, meta)
-        preds.append(prob.argmax(0).astype(np.uint8))
+    for i in range(len(names)): preds.append(tj.predict(imgs[i]))
     for i in range(min(int(n_images), len(names))):
-        disp, pred, truth = display_image(imgs[i], spec.channels), preds[i], masks[i]
+        disp, pred, truth = display_image(unit[i], spec.channels), preds[i], masks[i]
         g = disp if disp.ndim == 2 else disp.mean(-1)
         rec = {"name": names[i], "file": files[i], "shape": list(pred.shape),
                "image": add_png(f"{i:02d}_image", png_bytes(disp)),
@@ -368,15 +277,13 @@ def build_report(job,  # job folder OUT/<dataset>/<job_id> or its checkpoint.saf
     all_scores = [image_scores(p, t, K) for p, t in zip(preds, masks)]
     Z = {"split": split, "n_images": len(names), "shown": len(shown), "classes": classes, "images": shown,
          "per_image_miou": {n: s["miou"] for n, s in zip(names, all_scores)},
-         "tiling": {"tile": min(int(meta.get("crop_size") or 512), *imgs.shape[-2:]) // 32 * 32,
-                    "overlap": int(meta.get("tile_overlap") or 0)}}
+         "tiling": {"tile": tj.tile_for(imgs.shape[-2:]), "overlap": tj.overlap},
+         "input": tj.pipeline.to_dict()}
     if not ood: Q = {"available": False, "reason": "switched off (--no-ood)"}
     else:
-        tr = np.asarray(ds["split"].values) == "train"
-        if not tr.any(): Q = {"available": False, "reason": f"dataset {name!r} has no training split to compare with"}
-        else:
-            Q = qc_signals(model, np.asarray(ds["image"].values[tr], np.float32), imgs, names,
-                           prof.task.deployment_threshold)
+        tr = tj.load_split("train") if split != "train" else sp
+        if not tr["names"]: Q = {"available": False, "reason": f"dataset {name!r} has no training split to compare with"}
+        else: Q = qc_signals(tj, tr["x"], imgs, names, prof.task.deployment_threshold)
         Q.setdefault("compared", {"id": f"{name}:train", "test": f"{name}:{split}"})
     if not heatmaps: H = {"available": False, "reason": "switched off (--no-heatmaps)"}
     else:
@@ -384,16 +291,16 @@ def build_report(job,  # job folder OUT/<dataset>/<job_id> or its checkpoint.saf
         for i, rec in enumerate(shown):
             try:
                 h, png, grid = explain_image(model, imgs[i], preds[i], classes, heatmap_size, patch, stride,
-                                             channels=spec.channels)
+                                             channels=spec.channels, display=unit[i])
                 h.update(name=rec["name"], overlay=add_png(f"{i:02d}_heatmap", png), grid=grid.tolist())
                 items.append(h)
             except (MatsegError, RuntimeError) as e:
                 items.append({"name": rec["name"], "error": f"{type(e).__name__}: {str(e)[:300]}"})
         H = {"available": True, "method": "counterfactual heatmap H_ij = ||(Z - Z^(i,j)) * A||_1 (matseg.explain)",
              "items": items}
-    res = _read_json(jdir / "result.json")
+    res = _read_json(jdir / RESULT)
     job_rec = {k: meta.get(k) for k in ("job", "dataset", "modality", "material", "encoder", "decoder", "seed",
-                                        "weights_keyword", "epoch", "crop_size", "tile_overlap")}
+                                        "weights_keyword", "epoch", "crop_size", "tile_overlap", "profile", "spec_hash")}
     job_rec.update(id=meta.get("job") or meta.get("id") or jdir.name, job_dir=str(jdir), checkpoint=str(ck))
     report = {"format": REPORT_FORMAT, "created": t0.isoformat(timespec="seconds"), "job": job_rec,
               "selection": selection, "profile": profile_excerpt(prof, name),
@@ -431,11 +338,18 @@ def _fmt(v, digits: int = 3) -> str:
     if v is None: return "–"
     if isinstance(v, bool): return "yes" if v else "no"
     if isinstance(v, float): return f"{v:.{digits}f}" if abs(v) < 1e4 else f"{v:.0f}"
-    return html.escape(str(v))
+    return str(v)
 
-def _table(rows: list[tuple], head: tuple | None = None) -> str:
-    h = "<tr>" + "".join(f"<th>{html.escape(str(c))}</th>" for c in head) + "</tr>" if head else ""
-    return "<table>" + h + "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in r) + "</tr>" for r in rows) + "</table>"
+def _table(head, rows) -> Markup:
+    "An HTML table; every cell is escaped (Jinja2 autoescape)."
+    return Markup(_ENV.from_string(
+        "<table>{% if head %}<tr>{% for c in head %}<th>{{ c }}</th>{% endfor %}</tr>{% endif %}"
+        "{% for r in rows %}<tr>{% for c in r %}<td>{{ fmt(c) }}</td>{% endfor %}</tr>{% endfor %}</table>"
+    ).render(head=head, rows=rows, fmt=_fmt))
+
+_ENV = jinja2.Environment(loader=jinja2.FileSystemLoader(str(asset_path("templates"))),
+                          autoescape=jinja2.select_autoescape(default=True, default_for_string=True),
+                          undefined=jinja2.ChainableUndefined)
 
 def _fig_html(fig, div_id: str) -> str:
     return fig.to_html(full_html=False, include_plotlyjs=False, div_id=div_id,
@@ -525,84 +439,40 @@ def _heatmap_fig(rep: dict):
 def render_html(rep: dict,  # the report record (as written to report.json)
                 pngs: dict | str | Path,  # {relative path: PNG bytes}, or the report folder to read them from
                ) -> str:
-    "The self-contained offline HTML page of a report."
+    "The self-contained offline HTML page of a report (Jinja2 template `assets/templates/report.html.j2`, autoescaped)."
     import plotly
     if not isinstance(pngs, dict):
         base = Path(pngs); pngs = {r: (base / r).read_bytes() for r in rep["files"]["images"] if (base / r).is_file()}
     j, Z, Q, H = rep["job"], rep["masks"], rep["qc"], rep["heatmaps"]
-    title = f"matseg report — {j['id']}"
-    parts = [f"<h1>{html.escape(title)}</h1>",
-             _table([("dataset", f"{j['dataset']} ({rep['profile']['dataset'].get('modality')}, "
-                                 f"{rep['profile']['dataset'].get('material')})"),
-                     ("model", f"{j['encoder']} + {j['decoder']} (seed {j['seed']}, weights {j.get('weights_keyword')})"),
-                     ("checkpoint", f"{j['checkpoint']} (epoch {j.get('epoch')})"),
-                     ("classes", ", ".join(Z["classes"])), ("created", rep["created"])])]
-    if rep.get("selection"):
-        s = rep["selection"]
-        parts.append(f"<p class='note'>Selected as the best of {s.get('n_jobs')} jobs of this dataset by "
-                     f"{html.escape(str(s.get('criterion')))} = {_fmt(s.get('value'))}; reported on the test split "
-                     f"(test mIoU {_fmt(s.get('test_miou'))}).</p>")
-    parts.append("<h2>Metrics</h2>")
     m = (rep.get("metrics") or {}).get("metrics")
-    if m:
-        keys = [("miou", "mIoU (foreground)"), ("dice", "Dice"), ("pixel_accuracy", "pixel accuracy"),
-                ("wiou", "weighted IoU"), ("boundary_f1", "boundary F1")]
-        parts.append(_table([(label, *[v.get(k) for v in m.values()]) for k, label in keys], ("metric", *m)))
-        mm = rep["metrics"]
-        parts.append(f"<p class='note'>epochs trained: {_fmt(mm.get('epochs'))}, best epoch {_fmt(mm.get('best_epoch'))} "
-                     f"(monitor {_fmt(mm.get('monitor'))}); {_fmt(mm.get('params'))} parameters; inference "
-                     f"{_fmt(mm.get('infer_ms'), 1)} ms per {_fmt(mm.get('infer_tile'))}² tile on {_fmt(mm.get('device_name'))}.</p>")
-    else:
-        parts.append("<p class='note'>No result.json in the job folder (the job has not finished): no stored metrics.</p>")
-    figs = [("fig-metrics", _metrics_fig(rep)), ("fig-history", _history_fig(rep))]
-    parts += [_fig_html(f, i) for i, f in figs if f is not None]
-    parts.append(f"<h2>Z — predicted masks ({html.escape(Z['split'])} split)</h2>")
-    parts.append(_table([(r["name"], r.get("miou"), *r["iou"]) for r in Z["images"]],
-                        ("image", "mIoU (fg)", *[f"IoU {c}" for c in Z["classes"]])))
-    parts.append(f"<p class='note'>{Z['shown']} of {Z['n_images']} images shown; tiled inference with "
-                 f"{Z['tiling']['tile']}² tiles, overlap {Z['tiling']['overlap']}. Colours: class 1 blue, class 2 red, "
-                 "class 3 green (class 0 clear).</p>")
-    g = _gallery_fig(rep, pngs)
-    if g is not None: parts.append(_fig_html(g, "fig-masks"))
-    parts.append("<h2>Q — QC signals (Forte typicality)</h2>")
-    if Q.get("available"):
-        cls, word = ("ready", "READY") if Q["ready"] else ("not-ready", "NOT READY")
-        parts.append(f"<p><span class='badge {cls} readiness' data-ready='{str(Q['ready']).lower()}'>{word}</span> "
-                     f"AUROC {Q['auroc']:.3f} {'>' if Q['ready'] else '≤'} required {Q['required_auroc']:.3f}</p>")
-        parts.append(_table([("AUROC", Q["auroc"]), ("F1 at threshold", Q["f1"]), ("precision at threshold", Q["precision"]),
-                             ("recall at threshold", Q["recall"]), ("FPR at 95% TPR", Q["fpr95"]),
-                             ("threshold (5% of training crops below)", Q["threshold"]),
-                             ("typical images", f"{Q['typical_images']} of {len(Q['per_image'])}"),
-                             ("crops", f"{Q['n_train_crops']} training, {Q['n_crops']} {Z['split']} ({Q['tile']}² px, {Q['mode']} mode)")]))
-        parts.append("<p class='note'>ID (positives) = cross-fitted scores of training-split crops; negatives = crops of the "
-                     f"{html.escape(Z['split'])} split. AUROC ≈ 0.5: the split looks like the training data; AUROC → 1: it is "
-                     "shifted. READY means AUROC exceeds the profile's deployment threshold (the detector separates the two "
-                     "sets; matseg.ood.readiness). Images scoring below the threshold are atypical: check their masks.</p>")
-        parts.append(_table([(p["name"], p["score"], p["typical_fraction"], p["typical"]) for p in Q["per_image"]],
-                            ("image", "mean crop score", "crops above threshold", "typical")))
-        parts.append(_fig_html(_qc_fig(rep), "fig-qc"))
-    else:
-        parts.append(f"<p><span class='badge off readiness' data-ready='unknown'>QC UNAVAILABLE</span> "
-                     f"{html.escape(Q.get('reason', ''))}</p>")
-    parts.append("<h2>H — counterfactual heatmaps</h2>")
-    if H.get("available"):
-        parts.append(_table([(it["name"], it.get("region", it.get("error")), it.get("region_pixels"),
-                              f"{it['patch']}/{it['stride']}" if "patch" in it else None, it.get("n_locations"),
-                              it.get("validation_ratio"), it.get("seconds")) for it in H["items"]],
-                            ("image", "region A", "A pixels", "patch/stride", "locations", "validation ratio", "seconds")))
-        parts.append("<p class='note'>Validation ratio: change inside A when the top-5 influential patches are blurred, "
-                     "divided by the change when 5 random background patches are blurred (> 1: the heatmap points at "
-                     "what matters).</p>")
-        f = _heatmap_fig(rep)
-        if f is not None: parts.append(_fig_html(f, "fig-heatmaps"))
-    else:
-        parts.append(f"<p class='note'>Heatmaps unavailable: {html.escape(H.get('reason', ''))}</p>")
-    parts.append("<h2>Profile and job</h2><pre>" + html.escape(json.dumps(
-        {"profile": rep["profile"], "job": rep["job"]}, indent=2)) + "</pre>")
-    return ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
-            f"<title>{html.escape(title)}</title><style>{_CSS}</style>"
-            f"<script type='text/javascript'>{plotly.offline.get_plotlyjs()}</script></head>\n<body>\n"
-            + "\n".join(parts) + "\n</body></html>\n")
+    keys = [("miou", "mIoU (foreground)"), ("dice", "Dice"), ("pixel_accuracy", "pixel accuracy"),
+            ("wiou", "weighted IoU"), ("boundary_f1", "boundary F1")]
+    figs = [_metrics_fig(rep), _history_fig(rep)]
+    g = _gallery_fig(rep, pngs); hf = _heatmap_fig(rep) if H.get("available") else None
+    ctx = dict(
+        title=f"matseg report — {j['id']}", css=_CSS, plotlyjs=Markup(plotly.offline.get_plotlyjs()), job=j,
+        profile=rep["profile"], Z=Z, Q=Q, H=H, created=rep["created"], selection=rep.get("selection"),
+        metrics=m, mm=rep.get("metrics") or {}, aggregation="; ".join(f"{k} {v}" for k, v in AGGREGATION.items()),
+        metric_rows=[(label, *[v.get(k) for v in m.values()]) for k, label in keys] if m else [],
+        figs_top=[Markup(_fig_html(f, i)) for i, f in zip(("fig-metrics", "fig-history"), figs) if f is not None],
+        iou_heads=[f"IoU {c}" for c in Z["classes"]], z_rows=[(r["name"], r.get("miou"), *r["iou"]) for r in Z["images"]],
+        fig_masks=Markup(_fig_html(g, "fig-masks")) if g is not None else None,
+        q_rows=[("AUROC", Q.get("auroc")), ("F1 at threshold", Q.get("f1")), ("precision at threshold", Q.get("precision")),
+                ("recall at threshold", Q.get("recall")), ("FPR at 95% TPR", Q.get("fpr95")),
+                ("threshold (5% of training crops below)", Q.get("threshold")),
+                ("typical images", f"{Q.get('typical_images')} of {len(Q.get('per_image') or [])}"),
+                ("crops", f"{Q.get('n_train_crops')} training, {Q.get('n_crops')} {Z['split']} ({Q.get('tile')}² px, {Q.get('mode')} mode)")]
+               if Q.get("available") else [],
+        q_images=[(p["name"], p["score"], p["typical_fraction"], p["typical"]) for p in Q.get("per_image") or []],
+        fig_qc=Markup(_fig_html(_qc_fig(rep), "fig-qc")) if Q.get("available") else None,
+        h_rows=[(it["name"], it.get("region", it.get("error")), it.get("region_pixels"),
+                 f"{it['patch']}/{it['stride']}" if "patch" in it else None, it.get("n_locations"),
+                 f"{it.get('mode')} ({it.get('path')})" if "mode" in it else None, it.get("fast_check_pearson"),
+                 it.get("validation_ratio"), it.get("seconds")) for it in H.get("items") or []],
+        fig_heatmaps=Markup(_fig_html(hf, "fig-heatmaps")) if hf is not None else None,
+        profile_json=json.dumps({"profile": rep["profile"], "job": rep["job"]}, indent=2),
+        table=_table, fmt=_fmt)
+    return _ENV.get_template("report.html.j2").render(**ctx) + "\n"
 
 # %% ../nbs/09_report.ipynb #452b2a21
 class _Refs(HTMLParser):
@@ -620,65 +490,22 @@ def external_refs(page: str,  # HTML text
     return p.refs
 
 # %% ../nbs/09_report.ipynb #95defad8
-def select_best(frame,  # results table: dataset, encoder, decoder, seed, split, iou (benchmark.results_frame)
-               ) -> dict[str, dict]:
-    "Per dataset: the best job's keys, the criterion used ('val mIoU' or 'test mIoU'), its value and test mIoU."
-    out = {}
-    for d, g in frame.groupby("dataset", sort=False):
-        split = "val" if g.loc[g["split"] == "val", "iou"].notna().any() else "test"
-        s = g[(g["split"] == split) & g["iou"].notna()]
-        if s.empty: continue
-        combo = s.groupby(["encoder", "decoder"], sort=False)["iou"].mean().idxmax()
-        c = s[(s["encoder"] == combo[0]) & (s["decoder"] == combo[1])]
-        r = c.loc[c["iou"].idxmax()]
-        t = g[(g["split"] == "test") & (g["encoder"] == r["encoder"]) & (g["decoder"] == r["decoder"]) & (g["seed"] == r["seed"])]
-        out[str(d)] = {"dataset": str(d), "encoder": str(r["encoder"]), "decoder": str(r["decoder"]), "seed": int(r["seed"]),
-                       "criterion": f"{split} mIoU", "value": float(r["iou"]),
-                       "combination_mean": float(s.groupby(["encoder", "decoder"])["iou"].mean()[combo]),
-                       "test_miou": float(t["iou"].iloc[0]) if len(t) else None,
-                       "n_jobs": int(len(g[["encoder", "decoder", "seed"]].drop_duplicates()))}
-    return out
-
-# %% ../nbs/09_report.ipynb #dcc3bd9c
-def _job_dirs(bench_dir: Path) -> dict[tuple, Path]:
-    "(dataset, encoder, decoder, seed) -> job folder of every job with a checkpoint and a result.json."
-    out = {}
-    for p in sorted(bench_dir.glob("*/*/result.json")):
-        if not (p.parent / "checkpoint.safetensors").is_file(): continue
-        r = json.loads(p.read_text())
-        out[(str(r.get("dataset")), str(r.get("encoder")), str(r.get("decoder")), int(r.get("seed", 0)))] = p.parent
-    return out
-
 def best_jobs(bench_dir,  # output folder of `matseg bench`
              ) -> list[dict]:
-    "The best job of each dataset (see `select_best`), each with its `job_dir`."
-    import pandas as pd
-    b = Path(bench_dir)
-    if not b.is_dir(): raise MatsegError(f"{b} does not exist; give the output folder of `matseg bench` (its --out)")
-    dirs = _job_dirs(b)
-    csv = b / "results.csv"
-    if csv.is_file(): frame = pd.read_csv(csv)
-    else:
-        from matseg.benchmark import collect_results, results_frame
-        frame = results_frame(collect_results(b))
-    if frame.empty or not dirs:
-        raise MatsegError(f"{b} holds no finished jobs (no <dataset>/<job>/result.json with a checkpoint); run "
-                          "`matseg bench PROFILE --out DIR` first, or give a job folder")
-    frame = frame.astype({"seed": int, "encoder": str, "decoder": str, "dataset": str})
-    frame = frame[[(d, e, m, s) in dirs for d, e, m, s in zip(frame["dataset"], frame["encoder"], frame["decoder"], frame["seed"])]]
-    return [{**v, "job_dir": str(dirs[(v["dataset"], v["encoder"], v["decoder"], v["seed"])]),
-             "job_id": dirs[(v["dataset"], v["encoder"], v["decoder"], v["seed"])].name}
-            for v in select_best(frame).values()]
+    "The best job of each dataset with its `job_dir` and profile name (`matseg.runs.Run.best_jobs`)."
+    return Run(bench_dir).best_jobs()
 
+# %% ../nbs/09_report.ipynb #dcc3bd9c
 def report_best_jobs(bench_dir,  # output folder of `matseg bench`
-                     profile=None,  # Profile or path; None: <bench_dir>/profile.json
+                     profile=None,  # Profile or path; None: each job's own profile in the run folder
                      **kwargs,  # passed to `build_report` (split, n_images, ood, heatmaps, device, ...)
                     ) -> list[Path]:
     "Build the report of each dataset's best job into `<bench_dir>/<dataset>/report/`; return the report.html paths."
     out = []
     for sel in best_jobs(bench_dir):
         dest = Path(bench_dir) / sel["dataset"] / "report"
-        build_report(sel["job_dir"], profile, out=dest, selection=sel, **kwargs)
+        prof = find_profile(Path(sel["job_dir"]), profile, sel.get("profile"))
+        build_report(sel["job_dir"], prof, out=dest, selection=sel, **kwargs)
         out.append(dest / "report.html")
     return out
 
@@ -686,14 +513,14 @@ def report_best_jobs(bench_dir,  # output folder of `matseg bench`
 def cli_report(argv: list[str] | None = None,  # arguments after `matseg report`
               ) -> int:
     "`matseg report RUN_DIR [--job JOB_ID]`: feedback report (report.json + offline report.html) of a job."
-    ap = argparse.ArgumentParser(prog="matseg report", description=(
+    ap = cli_parser("report", (
         "Feedback report of a trained job: predicted masks Z with ground truth and IoU, Forte QC signals Q, "
         "counterfactual heatmaps H and the job's metrics, as report.json + one offline report.html. RUN_DIR is a job "
         "folder OUT/<dataset>/<job_id>, or a `matseg bench` output folder (then the best job of each dataset, selected "
-        "on validation mIoU, or the job given with --job)."))
+        "on validation mIoU, or the job given with --job)."), profile="optional",
+                    out="optional:output folder (default: <job>/report, or <bench>/<dataset>/report)")
     ap.add_argument("run_dir", help="job folder (with checkpoint.safetensors) or `matseg bench` output folder")
     ap.add_argument("--job", help="job id inside a bench folder (default: the best job of each dataset)")
-    ap.add_argument("--profile", help="profile JSON the job was trained with (default: profile.json of the run)")
     ap.add_argument("--split", default="test", help="split to show and QC-score (default: test)")
     ap.add_argument("--n-images", type=int, default=4, help="images shown with masks and heatmaps (default 4)")
     ap.add_argument("--no-ood", action="store_true", help="skip the Forte QC signals")
@@ -701,15 +528,15 @@ def cli_report(argv: list[str] | None = None,  # arguments after `matseg report`
     ap.add_argument("--heatmap-size", type=int, default=256, help="heatmap window side in pixels (default 256)")
     ap.add_argument("--patch", type=int, help="heatmap kernel side in pixels (default: window/8)")
     ap.add_argument("--stride", type=int, help="heatmap kernel step in pixels (default: = patch)")
-    ap.add_argument("--out", help="output folder (default: <job>/report, or <bench>/<dataset>/report)")
-    ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     a = ap.parse_args(argv)
+    prof = (apply_overrides(load_profile(a.profile), a.overrides) if a.overrides else a.profile) if a.profile else None
+    if a.overrides and not a.profile: raise MatsegError("--set needs --profile (a recorded profile is used as it is)")
     kw = dict(split=a.split, n_images=a.n_images, ood=not a.no_ood, heatmaps=not a.no_heatmaps, device=a.device,
               heatmap_size=a.heatmap_size, patch=a.patch, stride=a.stride)
     run = Path(a.run_dir).expanduser()
     if not run.exists():
         raise MatsegError(f"{run} does not exist; give a job folder OUT/<dataset>/<job_id> or a `matseg bench` output folder")
-    if run.is_file() or (run / "checkpoint.safetensors").is_file() or a.job:
+    if run.is_file() or (run / CHECKPOINT).is_file() or a.job:
         job = run
         if a.job:
             hits = sorted(run.glob(f"*/{a.job}")) + ([run / a.job] if (run / a.job).is_dir() else [])
@@ -718,7 +545,7 @@ def cli_report(argv: list[str] | None = None,  # arguments after `matseg report`
                 raise MatsegError(f"--job {a.job!r}: no folder {run}/<dataset>/{a.job}; jobs with a checkpoint: "
                                   f"{', '.join(have) or 'none'}")
             job = hits[0]
-        rep = build_report(job, a.profile, out=a.out, **kw)
+        rep = build_report(job, prof, out=a.out, **kw)
         paths = [Path(rep["out"]) / "report.html"]
     else:
         if not any(run.glob("*/*/result.json")):
@@ -728,9 +555,9 @@ def cli_report(argv: list[str] | None = None,  # arguments after `matseg report`
             paths = []
             for sel in best_jobs(run):
                 dest = Path(a.out) / sel["dataset"]
-                build_report(sel["job_dir"], a.profile, out=dest, selection=sel, **kw)
+                build_report(sel["job_dir"], prof or find_profile(Path(sel["job_dir"]), None, sel.get("profile")), out=dest, selection=sel, **kw)
                 paths.append(dest / "report.html")
         else:
-            paths = report_best_jobs(run, a.profile, **kw)
+            paths = report_best_jobs(run, prof, **kw)
     for p in paths: print(f"matseg report: wrote {p} and {p.with_name('report.json')}")
     return 0

@@ -341,9 +341,10 @@ class InputPipeline:
         return {"normalization": self.normalization, "in_channels": self.in_channels, "input_stats": self.stats}
 
     def normalize(self, raw: np.ndarray,  # (C, H, W) native image
+                  source: str = "the image",  # its file (for messages)
                  ) -> np.ndarray:
         "The image in [0, 1] as the dataset loader makes it (float32 (C, H, W))."
-        return normalize(np.asarray(raw), SimpleNamespace(**{"kind": "auto", "low": 1.0, "high": 99.0, **self.normalization}))
+        return normalize(np.asarray(raw), SimpleNamespace(**{"kind": "auto", "low": 1.0, "high": 99.0, **self.normalization}), source=source)
 
     def match_channels(self, x, name: str = "the image"):
         "Repeat a grey image for an RGB model or average RGB for a grey one; else the channel counts must agree."
@@ -372,7 +373,7 @@ class InputPipeline:
         "The model tensor (C, H, W) of a raw image."
         name = str(raw) if isinstance(raw, (str, Path)) else "the image"
         img = read_image(raw) if isinstance(raw, (str, Path)) else np.asarray(raw)
-        return self.from_unit(self.normalize(img), name)
+        return self.from_unit(self.normalize(img, name), name)
 
 def tile_size(crop: int,  # requested crop / tile side
               shape,  # image (H, W)

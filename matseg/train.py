@@ -5,8 +5,6 @@
 # %% ../nbs/05_train.ipynb #e168aa2e
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import random
@@ -17,14 +15,19 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from segmentation_models_pytorch.losses import DiceLoss
 from torch import nn
 
-from .core import MatsegError, atomic_path, atomic_write_json, atomic_write_text, resolve_device
+from .data import tile_starts
+from .metrics import ConfusionMatrix, boundary_f1, scores
+from .models import bn_safe_batches
+
+from .core import MatsegError
 
 # %% auto #0
 __all__ = ['LOSSES', 'OPTIMIZERS', 'SCHEDULERS', 'seed_everything', 'get_rng_state', 'set_rng_state', 'split_tensors',
            'CropSampler', 'inverse_frequency_weights', 'CEDiceLoss', 'make_loss', 'make_optimizer', 'EarlyStopping',
-           'predict_tiled', 'evaluate', 'JobData', 'prepare_data', 'job_dir', 'train_step', 'train_job', 'run_jobs']
+           'predict_tiled', 'evaluate', 'JobData', 'prepare_data', 'train_step']
 
 # %% ../nbs/05_train.ipynb #8fa67ff2
 def seed_everything(seed: int,  # the job's seed
@@ -92,7 +95,6 @@ class CropSampler:
 
     def __len__(self):
         "Batches per epoch (a last batch of one crop is dropped: BatchNorm)."
-        from matseg.models import bn_safe_batches
         return bn_safe_batches(self.n_crops, self.batch_size)[0]
 
     def _crop(self, i, y, x, flip_h, flip_v, k):
@@ -137,7 +139,6 @@ class CEDiceLoss(nn.Module):
                  dice: bool = True,  # include the Dice term
                 ):
         super().__init__()
-        from segmentation_models_pytorch.losses import DiceLoss
         self.ce = nn.CrossEntropyLoss(weight=weight) if ce else None
         self.dice = DiceLoss("multiclass", from_logits=True) if dice else None
 
@@ -219,7 +220,6 @@ def predict_tiled(model: nn.Module,  # segmentation model, in eval mode
     dev = next(model.parameters()).device
     _, H, W = image.shape
     size = min(size, H, W)
-    from matseg.data import tile_starts
     pos = [(y, x) for y in tile_starts(H, size, overlap) for x in tile_starts(W, size, overlap)]
     acc = torch.zeros(n_classes, H, W, device=dev); cnt = torch.zeros(1, H, W, device=dev)
     for i in range(0, len(pos), batch_size):
@@ -242,9 +242,9 @@ def evaluate(model: nn.Module,  # segmentation model
              amp: bool = False,  # bf16 autocast
              boundary: bool = True,  # also compute boundary F1 (slower)
              tolerance: float = 2,  # boundary F1 tolerance in pixels
+             rule: str = "pixels",  # boundary F1 tolerance rule: 'pixels' or 'diagonal' (Csurka: 0.75 % of the diagonal)
             ) -> tuple[dict, np.ndarray]:
     "Metrics of a model on full images (tiled inference) and the predicted masks (N, H, W) uint8."
-    from matseg.metrics import ConfusionMatrix, boundary_f1, scores
     was_training = model.training; model.eval()
     cm, preds, nll = ConfusionMatrix(n_classes), [], 0.0
     for img, msk in zip(images, masks):
@@ -259,7 +259,7 @@ def evaluate(model: nn.Module,  # segmentation model
     res = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in scores(cm).items()}
     res["loss"] = nll / max(1, len(images))
     if boundary and len(preds):
-        bf = boundary_f1(preds, masks.cpu().numpy(), n_classes, tolerance)
+        bf = boundary_f1(preds, masks.cpu().numpy(), n_classes, tolerance, **({} if rule == "pixels" else {"rule": rule}))
         fg = bf[1:] if n_classes > 1 else bf
         res["boundary_f1_per_class"] = bf.tolist()
         res["boundary_f1"] = float(np.nanmean(fg)) if np.isfinite(fg).any() else math.nan
@@ -287,50 +287,7 @@ def prepare_data(ds,  # dataset from `matseg.data.load_dataset`
            "class_fraction": dict(zip(classes, frac)), "minority_class": classes[k], "minority_fraction": frac[k]}
     return JobData(splits, classes, ctx)
 
-# %% ../nbs/05_train.ipynb #a2874124
-def job_dir(out_dir: str | Path,  # run folder
-            job,  # a `matseg.profile.Job`
-           ) -> Path:
-    "Folder of a job's files: `OUT/<dataset>/<job_id>`."
-    return Path(out_dir) / job.dataset.name / job.id
-
-def _stop_fn(stop) -> Callable[[], bool]:
-    if stop is None: return lambda: False
-    if hasattr(stop, "is_set"): return stop.is_set
-    if callable(stop): return lambda: bool(stop())
-    return lambda: bool(stop)
-
-def _hooks(callbacks, name: str) -> list[Callable]:
-    cbs = [] if callbacks is None else list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
-    out = []
-    for cb in cbs:
-        if hasattr(cb, name): out.append(getattr(cb, name))
-        elif name == "on_epoch_end" and callable(cb): out.append(cb)
-    return out
-
-def _write_history(path: Path, history: list[dict]) -> None:
-    keys = list(dict.fromkeys(k for row in history for k in row))
-    buf = io.StringIO(); w = csv.DictWriter(buf, keys); w.writeheader(); w.writerows(history)
-    atomic_write_text(path, buf.getvalue())
-
-def _save_state(path: Path, state: dict) -> None:
-    with atomic_path(path) as tmp: torch.save(state, tmp)
-
-def _effective_size(crop: int, shape) -> int:
-    size = min(crop, *shape) // 32 * 32
-    if size < 32:
-        raise MatsegError(f"images of shape {tuple(shape)} are smaller than 32 pixels; the models need at least 32x32 "
-                          "inputs: use larger images or crop/pad them before training")
-    return size
-
-def _time_inference(model, shape, device, amp, repeats=5) -> float:
-    "Median milliseconds per image of one tile's forward pass (`matseg.metrics.time_inference`)."
-    from matseg.metrics import time_inference
-    x = torch.randn(*shape, device=device)
-    if device.type == "cuda": x = x.contiguous(memory_format=torch.channels_last)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-        return float(time_inference(model, x, repeats=repeats))
-
+# %% ../nbs/05_train.ipynb #64706e35
 def train_step(model: nn.Module,  # model (or its torch.compile wrapper), in train mode
                x: torch.Tensor,  # image batch (B, C, h, w) on the model's device
                y: torch.Tensor,  # int64 masks (B, h, w)
@@ -345,146 +302,3 @@ def train_step(model: nn.Module,  # model (or its torch.compile wrapper), in tra
     loss = loss_fn(logits, y)
     opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
     return loss.detach()
-
-def _monitor_value(monitor: str, val: dict) -> float:
-    return -val["loss"] if monitor == "val_loss" else val["miou"]
-
-# %% ../nbs/05_train.ipynb #1aa58839
-def train_job(job,  # a `matseg.profile.Job`
-              out_dir: str | Path,  # run folder; the job writes into OUT/<dataset>/<job_id>
-              device="auto",  # "auto", "cpu", "cuda", ...
-              data=None,  # None (load from disk), an xarray Dataset from `load_dataset`, or `JobData`
-              callbacks=None,  # callable(s) or object(s) with on_epoch_end(row) / on_job_start / on_job_end
-              stop=None,  # callable or threading.Event: checked before every step for a clean stop
-              progress: bool = True,  # tqdm progress bars
-             ) -> dict:
-    "Train one job with the paper protocol (resuming from `state.pt`), evaluate its best epoch, write `result.json`."
-    jdir = job_dir(out_dir, job); res_path = jdir / "result.json"
-    if res_path.exists(): return json.loads(res_path.read_text())
-    from tqdm.auto import tqdm
-
-    from matseg.models import build_model, load_checkpoint, save_checkpoint
-    dev = resolve_device(device); tr = job.training; stop_now = _stop_fn(stop)
-    cuda = dev.type == "cuda"
-    amp = cuda and getattr(tr, "amp", True) and torch.cuda.is_bf16_supported()
-    if data is None:
-        from matseg.data import load_dataset
-        data = load_dataset(job.dataset, job.base_dir)
-    if not isinstance(data, JobData): data = prepare_data(data, job.dataset.classes, dev)
-    (xtr, ytr, _), (xva, yva, nva), (xte, yte, nte) = (data.splits[s] for s in ("train", "val", "test"))
-    if len(nva) == 0:
-        raise MatsegError(f"dataset {job.dataset.name!r} has no validation images; early stopping and model selection "
-                          "need a val split: add a val folder or set layout.split_fractions with a 'val' share")
-    K, size = len(data.classes), _effective_size(tr.crop_size, xtr.shape[2:])
-    monitor = getattr(tr, "monitor", "val_miou")
-    for h in _hooks(callbacks, "on_job_start"): h(job)
-
-    seed_everything(job.seed)
-    model = build_model(job.encoder, job.decoder, in_channels=data.in_channels, classes=K,
-                        weights=getattr(job, "weights_path", job.weights)).to(dev)
-    if cuda:
-        torch.backends.cudnn.benchmark = True
-        model = model.to(memory_format=torch.channels_last)
-    opt, sched = make_optimizer(model, tr)
-    cw = inverse_frequency_weights(ytr, K).to(dev) if tr.class_weights else None
-    loss_fn = make_loss(tr.loss, cw)
-    sampler = CropSampler(xtr, ytr, size, tr.batch_size, seed=job.seed, augment=tr.augment, device=dev,
-                          crops_per_image=getattr(tr, "crops_per_image", None))
-    stopper = EarlyStopping(tr.patience)
-    history, start, train_seconds = [], 0, 0.0
-    state_path = jdir / "state.pt"
-    if state_path.exists():
-        st = torch.load(state_path, map_location="cpu", weights_only=True)  # RNG states must stay on the CPU
-        model.load_state_dict(st["model"]); opt.load_state_dict(st["optimizer"]); sched.load_state_dict(st["scheduler"])
-        stopper.load_state_dict(st["early_stopping"]); set_rng_state(st["rng"], sampler.gen)
-        history, start, train_seconds = st["history"], st["epoch"], st["train_seconds"]
-    fwd = torch.compile(model) if getattr(tr, "compile", False) and cuda else model
-    jd = job.to_dict()
-    meta = {**{k: v for k, v in jd.items() if k not in ("classes", "weights")}, "job": job.id, "class_names": data.classes,
-            "weights_keyword": jd["weights"], "crop_size": size, "tile_overlap": tr.tile_overlap}
-
-    ebar = tqdm(total=tr.max_epochs, initial=start, desc=job.id, disable=not progress)
-    stopped = False
-    for epoch in range(start, tr.max_epochs):
-        if stopper.should_stop: break
-        t0 = time.perf_counter(); model.train(); total = torch.zeros((), device=dev); n = 0
-        for x, y in tqdm(sampler, desc=f"epoch {epoch + 1}", leave=False, disable=not progress):
-            if stop_now(): stopped = True; break
-            total += train_step(fwd, x, y, loss_fn, opt, amp); n += 1
-        if stopped: break
-        lr = sched.get_last_lr()[0]; sched.step()
-        row = {"job": job.id, "epoch": epoch + 1, "train_loss": (total / max(n, 1)).item(), "lr": lr,
-               "val_loss": math.nan, "val_miou": math.nan, "best": False}
-        if (epoch + 1) % tr.val_every == 0 or epoch + 1 == tr.max_epochs:
-            val, _ = evaluate(model, xva, yva, K, size, tr.tile_overlap, amp=amp, boundary=False)
-            row.update(val_loss=val["loss"], val_miou=val["miou"])
-            if stopper.step(epoch, _monitor_value(monitor, val)):
-                row["best"] = True
-                save_checkpoint(jdir / "checkpoint.safetensors", model, {**meta, "epoch": epoch + 1, monitor: row[monitor]})
-        train_seconds += time.perf_counter() - t0
-        row["seconds"] = train_seconds
-        history.append(row)
-        _write_history(jdir / "history.csv", history)
-        _save_state(state_path, {"epoch": epoch + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                                 "scheduler": sched.state_dict(), "early_stopping": stopper.state_dict(),
-                                 "rng": get_rng_state(sampler.gen), "history": history, "train_seconds": train_seconds})
-        ebar.update(1); ebar.set_postfix(val_miou=f"{row['val_miou']:.3f}", best=stopper.best_epoch + 1)
-        for h in _hooks(callbacks, "on_epoch_end"): h(dict(row))
-    ebar.close()
-    if stopped:
-        return {"id": job.id, "status": "stopped", "epochs": len(history)}
-
-    ckpt = jdir / "checkpoint.safetensors"
-    if not ckpt.exists(): save_checkpoint(ckpt, model, {**meta, "epoch": len(history)})
-    best, _ = load_checkpoint(ckpt, device=str(dev))
-    best = best.to(dev).eval()
-    if cuda: best = best.to(memory_format=torch.channels_last)
-    metrics, tol = {}, getattr(getattr(job, "task", None), "boundary_tolerance", 2)
-    for split, (xs, ys, names) in (("val", (xva, yva, nva)), ("test", (xte, yte, nte))):
-        if len(names):
-            m, _ = evaluate(best, xs, ys, K, size, tr.tile_overlap, amp=amp, boundary=True, tolerance=tol)
-            metrics[split] = m
-    from matseg.metrics import count_parameters
-    params = count_parameters(best)
-    result = {**job.to_dict(), "status": "done", "device": str(dev),
-              "device_name": torch.cuda.get_device_name(dev) if cuda else "cpu",
-              "params": int(params), "infer_ms": _time_inference(best, (1, data.in_channels, size, size), dev, amp),
-              "infer_tile": size, "train_seconds": train_seconds, "epochs": len(history),
-              "best_epoch": stopper.best_epoch + 1 if stopper.best_epoch >= 0 else len(history),
-              "stopped_early": len(history) < tr.max_epochs, "monitor": monitor,
-              "context": data.context, "metrics": metrics}
-    atomic_write_json(res_path, result)
-    result = json.loads(res_path.read_text())  # what a rerun returns (JSON types)
-    state_path.unlink(missing_ok=True)
-    for h in _hooks(callbacks, "on_job_end"): h(result)
-    return result
-
-# %% ../nbs/05_train.ipynb #f91b7fe0
-def run_jobs(profile,  # a `Profile` or a list of `Job`s
-             out_dir: str | Path,  # run folder
-             device="auto",  # "auto", "cpu", "cuda", ...
-             datasets: list[str] | None = None,  # only these datasets
-             data: dict | None = None,  # optional preloaded datasets: name -> xarray Dataset
-             callbacks=None,  # passed to `train_job`
-             stop=None,  # passed to `train_job`; also checked between jobs
-             progress: bool = True,  # tqdm progress bars
-            ) -> list[dict]:
-    "Train every unfinished job of the grid; return one result per job (finished ones read from disk)."
-    from matseg.profile import compile_profile
-    jobs = list(profile) if isinstance(profile, (list, tuple)) else compile_profile(profile)
-    if datasets: jobs = [j for j in jobs if j.dataset.name in datasets]
-    stop_now, data, prepared, results = _stop_fn(stop), dict(data or {}), {}, []
-    dev = resolve_device(device)
-    for job in jobs:
-        done = job_dir(out_dir, job) / "result.json"
-        if done.exists(): results.append(json.loads(done.read_text())); continue
-        if stop_now(): results.append({"id": job.id, "status": "stopped", "epochs": 0}); continue
-        name = job.dataset.name
-        if name not in prepared:
-            prepared.clear()  # one dataset in memory at a time
-            if name not in data:
-                from matseg.data import load_dataset
-                data[name] = load_dataset(job.dataset, job.base_dir)
-            prepared[name] = prepare_data(data.pop(name), job.dataset.classes, dev)
-        results.append(train_job(job, out_dir, dev, prepared[name], callbacks, stop, progress))
-    return results

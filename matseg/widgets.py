@@ -21,6 +21,9 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from .core import MatsegError, atomic_write_bytes, resolve_device
+from .data import read_image
+from .explain import KERNELS, counterfactual_heatmap, upsample
+from .runs import TrainedJob, train_job
 from .profile import (ProfileError, check_paths, compile_profile, load_profile, parse_profile, profile_to_dict,
                             save_profile, valid_decoders, valid_encoders)
 
@@ -439,7 +442,6 @@ class TrainLauncher:
         return cb
 
     def _run(self):
-        from matseg.train import train_job
         try:
             for job in self.jobs:
                 if self.stop_event.is_set(): break
@@ -635,6 +637,16 @@ def _secs(attrs: dict) -> str: return f" in {attrs['seconds']:.2f}s" if "seconds
 
 class CounterfactualExplorer:
     "Pick region A on an image (selection, box or class), compute and overlay its counterfactual heatmap."
+    @classmethod
+    def from_job(cls, job,  # a `matseg.runs.TrainedJob` or its job folder / checkpoint
+                 image,  # raw image: file path or native (C, H, W) array
+                 **kwargs,  # kernel, patch, stride
+                ) -> "CounterfactualExplorer":
+        "An explorer over a trained job and a raw image: the model sees exactly what training made of it."
+        tj = job if isinstance(job, TrainedJob) else TrainedJob.open(job, device="cpu")
+        raw = read_image(image) if isinstance(image, (str, Path)) else np.asarray(image)
+        return cls(tj.model, tj.prepare(raw).numpy(), classes=tj.classes, display_image=tj.pipeline.normalize(raw), **kwargs)
+
     def __init__(self, model,  # segmentation model
                  image,  # (C, H, W) image, normalised as the model expects
                  classes: list[str] | None = None,  # class names
@@ -643,7 +655,6 @@ class CounterfactualExplorer:
                  stride: int = 8,  # kernel grid step
                  display_image=None,  # (H, W) or (C, H, W) image to show (default: `image`)
                 ):
-        from matseg.explain import KERNELS
         self.model, self.image = model, np.asarray(image, np.float32)
         H, W_ = self.shape = self.image.shape[-2:]
         self.pred = predict_mask(model, self.image)
@@ -731,19 +742,23 @@ class CounterfactualExplorer:
 
     def compute(self):
         "Compute the heatmap for region A with the chosen kernel/patch/stride and overlay it."
-        from matseg.explain import counterfactual_heatmap, upsample
         if self.region is None: raise MatsegError("no region A yet: draw a box or lasso on the image, press 'Use box', or pick a class")
         self.status.value = "computing ..."
+        dev = next(self.model.parameters()).device
+        mode = "fast" if dev.type == "cpu" else "exact"  # interactive on a laptop CPU; the map carries its error
         self.heatmap = counterfactual_heatmap(self.model, self.image, self.region, kernel=self.kernel.value,
-                                              patch=self.patch.value, stride=self.stride.value, classes=self.classes)
+                                              patch=self.patch.value, stride=self.stride.value, classes=self.classes,
+                                              mode=mode)
         up = upsample(self.heatmap, self.shape)
         with self.figure.batch_update():
             self.figure.data[2].z = up; self.figure.data[2].visible = True
         a = self.heatmap.attrs
         self.status.value = (f"<span class='matseg-heatmap-done'>heatmap: {a.get('n_locations')} perturbations "
                              f"({escape(str(a.get('kernel')))}, patch {a.get('patch')}, stride {a.get('stride')})"
-                             f"{_secs(a)}; "
-                             f"max influence {float(np.nanmax(self.heatmap.values)):.3g}</span>")
+                             f"{_secs(a)}; mode {a.get('mode')} (path {escape(str(a.get('path')))}"
+                             + (f", Pearson {a['fast_check_pearson']:.3f} with exact on {a.get('fast_check_locations', '?')} sampled locations"
+                                if a.get("fast_check_pearson") is not None else "") +
+                             f"); max influence {float(np.nanmax(self.heatmap.values)):.3g}</span>")
         return self.heatmap
 
 # %% ../nbs/10_widgets.ipynb #335a3520

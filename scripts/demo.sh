@@ -7,4 +7,4 @@ bash scripts/setup.sh
 out=${1:-runs/demo}
 .venv/bin/matseg validate matseg/assets/profiles/sample.json
 .venv/bin/matseg data matseg/assets/profiles/sample.json
-.venv/bin/matseg bench matseg/assets/profiles/sample.json --out "$out"
+.venv/bin/matseg bench matseg/assets/profiles/sample.json --out "$out" --rerun  # retrain jobs of an older spec (kept in $out/superseded)

@@ -15,6 +15,7 @@ from conftest import run_matseg, write_toy_dataset
 from PIL import Image
 
 import matseg.benchmark as B
+import matseg.runs as R
 from matseg.core import MatsegError
 from matseg.metrics import ConfusionMatrix, boundary_f1, scores
 
@@ -50,31 +51,31 @@ def test_tables_and_recommendation_by_hand():
     # unet vs fpn, 3 seeds: val [.80,.82,.84] vs [.80,.81,.82]: gap .01 < pooled std sqrt((.02²+.01²)/2) = .0158
     res = [fake_result("A", "r18", "unet", s, 0.80 + 0.02 * s, 0.70 + 0.02 * s) for s in range(3)]
     res += [fake_result("A", "r18", "fpn", s, 0.80 + 0.01 * s, 0.90) for s in range(3)]
-    frame = B.results_frame(res)
-    t = B.summary_table(frame, "test").set_index("decoder")
+    frame = R.results_frame(res)
+    t = R.summary_table(frame, "test").set_index("decoder")
     assert math.isclose(t.loc["unet", "iou_mean"], 0.72) and math.isclose(t.loc["unet", "iou_std"], 0.02)
-    best = B.best_table(frame, res).iloc[0]
+    best = R.best_table(frame, res).iloc[0]
     assert best["decoder"] == "unet"  # selected on val although fpn is better on test: never select on test
-    rec = B.recommend(frame)["A"]
+    rec = R.recommend(frame)["A"]
     assert math.isclose(rec["gap"], 0.01) and math.isclose(rec["pooled_std"], math.sqrt((0.02**2 + 0.01**2) / 2))
     assert rec["within_noise"] is True and "seed noise" in rec["text"]
-    one = B.recommend(frame[frame.seed == 0])["A"]
+    one = R.recommend(frame[frame.seed == 0])["A"]
     assert one["within_noise"] is None and "unknown" in one["text"]
 
 
 def test_results_dataset_roundtrip(tmp_path):
     res = [fake_result(d, e, m, s, 0.5 + s / 10, 0.4) for d in ("A", "B") for e in ("r18", "r34")
            for m in ("unet",) for s in (0, 1)]
-    ds = B.results_dataset(res[:-1])  # one combination missing -> NaN
+    ds = R.results_dataset(res[:-1])  # one combination missing -> NaN
     assert dict(ds["iou"].sizes) == {"dataset": 2, "encoder": 2, "decoder": 1, "seed": 2, "split": 2}
     assert np.isnan(ds["iou"].sel(dataset="B", encoder="r34", decoder="unet", seed=1, split="val"))
     assert float(ds["iou_class"].sel(dataset="A", encoder="r18", decoder="unet", seed=1, split="val")[0]) == 0.9
-    B.save_results(ds, tmp_path / "r.nc")
+    R.save_results(ds, tmp_path / "r.nc")
     back = xr.load_dataset(tmp_path / "r.nc", engine="h5netcdf")
     xr.testing.assert_allclose(back["iou_class"], ds["iou_class"])
     assert [str(x) for x in back["class_name"].sel(dataset="A").values] == ["bg", "a", "b"]
     with pytest.raises(MatsegError):
-        B.results_dataset([])
+        R.results_dataset([])
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +114,7 @@ def test_bench_cli_end_to_end(bench_run):
     assert "unknown" in (out / "tables" / "recommendations.md").read_text()  # one seed: noise unknown
     assert "synthetic" in (out / "tables" / "best_per_dataset.md").read_text()
     from matseg.profile import load_profile
-    used = load_profile(out / "profile.json")  # the effective profile, loadable from the run folder
+    used = load_profile(out / "profiles" / "toy.json")  # the effective profile, loadable from the run folder
     assert used.training.max_epochs == 2 and used.dataset_root("toy") == (tmp / "data").resolve()
     rep = json.loads((out / "toy" / "report" / "report.json").read_text())  # feedback report of the best job
     assert rep["job"]["dataset"] == "toy" and rep["job"]["id"].startswith("toy__")
@@ -136,7 +137,7 @@ def test_bench_rerun_skips_finished(bench_run):
     df = pd.read_csv(tmp / "run" / "results.csv")  # the folder's tables keep every dataset finished there
     assert len(df) == 6 and set(df.dataset) == {"toy", "other"}
     assert "other" in (tmp / "run" / "tables" / "best_per_dataset.md").read_text()
-    shutil.rmtree(other.parent); B.write_report(tmp / "run")  # leave the shared run as the other tests expect it
+    shutil.rmtree(other.parent); R.write_summary(tmp / "run")  # leave the shared run as the other tests expect it
     assert len(pd.read_csv(tmp / "run" / "results.csv")) == 4
 
 
@@ -193,9 +194,9 @@ def test_real_super1_train_and_evaluate(nasa, tmp_path):
     (tmp_path / "p.json").write_text(json.dumps(prof))
     profile = load_profile(tmp_path / "p.json")
     job = compile_profile(profile)[0]
-    r = T.train_job(job, tmp_path / "run", device="cpu", progress=False)
+    r = R.train_job(job, tmp_path / "run", device="cpu", progress=False)
     assert r["context"]["n_images"] == {"train": 10, "val": 4, "test": 4} and 0 <= r["metrics"]["test"]["miou"] <= 1
-    ckpt = T.job_dir(tmp_path / "run", job) / "checkpoint.safetensors"
+    ckpt = R.job_dir(tmp_path / "run", job) / "checkpoint.safetensors"
     out = B.evaluate_checkpoint(ckpt, profile, "test", tmp_path / "pred", device="cpu")
     stems = sorted(p.stem for p in (nasa / "Super1" / "test").iterdir() if p.is_file())
     assert sorted(Path(p).stem for p in out["predictions"]) == stems

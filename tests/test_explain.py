@@ -230,10 +230,9 @@ def test_cli_end_to_end(checkpoint, tmp_path):
     j = json.loads((out / "explain.json").read_text())
     assert j["validation"]["top_k"] == 2 and j["attrs"]["n_locations"] == 121
     # the same via the library on the same prepared input
-    from matseg.explain import prepare_image
-    from matseg.models import load_checkpoint
-    model, meta = load_checkpoint(d)
-    x, _ = prepare_image(d / "img.png", meta)
+    from matseg.runs import TrainedJob
+    tj = TrainedJob.open(d, device="cpu")
+    model, x = tj.model, tj.prepare(d / "img.png")
     lib = counterfactual_heatmap(model, x, (8, 8, 24, 24), kernel="blur", patch=8, stride=4)
     np.testing.assert_allclose(values, lib.values, rtol=1e-4, atol=1e-4)
     # mask file and class regions, through the matseg dispatcher

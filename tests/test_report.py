@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from matseg.core import MatsegError, atomic_write_json
-from matseg.report import best_jobs, build_report, cli_report, external_refs, find_checkpoint, select_best
+from matseg.report import best_jobs, build_report, cli_report, external_refs, find_checkpoint
+from matseg.runs import select_best
 
 HAS_OOD = importlib.util.find_spec("matseg.ood") is not None
 
@@ -21,7 +22,7 @@ def run(tmp_path_factory):
     "A one-epoch resnet18 U-Net trained on 10 synthetic 128x128 AFM images: (profile path, runs dir, job dir)."
     from matseg.profile import compile_profile, load_profile
     from matseg.synth import write_afm_dataset
-    from matseg.train import train_job
+    from matseg.runs import train_job
     threads = torch.get_num_threads(); torch.set_num_threads(1)  # parallel test runners on 2 cores
     tmp = tmp_path_factory.mktemp("report")
     write_afm_dataset(tmp / "afm", n_images=10, size=128, seed=0)
@@ -52,7 +53,7 @@ def test_json_record(run, report):
     out = jdir / "report"
     assert report["out"] == str(out)
     rec = json.loads((out / "report.json").read_text())
-    assert rec["format"] == "matseg-report/1" and rec["job"]["id"] == jdir.name
+    assert rec["format"] == "matseg-report/2" and rec["job"]["id"] == jdir.name
     assert rec["job"]["encoder"] == "resnet18" and rec["job"]["decoder"] == "unet"
     for k in ("profile", "metrics", "history", "masks", "qc", "heatmaps", "files"):
         assert k in rec, k
@@ -105,13 +106,13 @@ def test_html_offline_with_figures(run, report):
     assert external_refs(page) == []
     outside = _strip_scripts(page)
     assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", outside, re.I)
-    assert page.count("<script type='text/javascript'>") == 1 and "Plotly" in page  # plotly.js inlined once
+    assert page.count('<script type="text/javascript">') == 1 and "Plotly" in page  # plotly.js inlined once
     divs = re.findall(r'<div id="(fig-[a-z]+)" class="plotly-graph-div"', page)
     assert {"fig-metrics", "fig-history", "fig-masks", "fig-heatmaps"} <= set(divs), divs
     # gallery: image, truth, prediction, heatmap per image (plotly's JSON writes "/" as \u002f)
     assert len(re.findall(r"data:image(?:/|\\u002f)png;base64,iVBOR", page)) >= 2 * 4
     q = report["qc"]
-    m = re.search(r"data-ready='(\w+)'", page)
+    m = re.search(r'data-ready="(\w+)"', page)
     assert m and m.group(1) == (str(q["ready"]).lower() if q["available"] else "unknown")
     assert ("READY" in page) if q["available"] else ("QC UNAVAILABLE" in page)
 
@@ -138,11 +139,10 @@ def test_qc_signals(report):
         assert p["typical"] == (p["score"] >= q["threshold"]) and 0 <= p["typical_fraction"] <= 1
 
 
-def test_qc_unavailable_without_ood_module(run, tmp_path, monkeypatch):
+def test_qc_and_heatmaps_switched_off(run, tmp_path, monkeypatch):
     prof, _, jdir = run
-    monkeypatch.setitem(sys.modules, "matseg.ood", None)  # import fails as if the module were missing
-    rep = build_report(jdir, prof, n_images=1, heatmaps=False, out=tmp_path / "r", device="cpu")
-    assert rep["qc"]["available"] is False and "matseg.ood" in rep["qc"]["reason"]
+    rep = build_report(jdir, prof, n_images=1, ood=False, heatmaps=False, out=tmp_path / "r", device="cpu")
+    assert rep["qc"]["available"] is False and rep["qc"]["reason"] == "switched off (--no-ood)"
     assert rep["heatmaps"] == {"available": False, "reason": "switched off (--no-heatmaps)"}
     page = (tmp_path / "r" / "report.html").read_text()
     assert "QC UNAVAILABLE" in page and external_refs(page) == []
@@ -154,22 +154,13 @@ def test_profile_discovery(run, tmp_path):
         build_report(jdir, None, out=tmp_path / "x", ood=False, heatmaps=False)
     assert str(jdir) in str(e.value)
     p = json.loads(prof.read_text()); p["datasets"][0]["root"] = str(prof.parent / "afm")
-    atomic_write_json(runs / "profile.json", p)
+    atomic_write_json(runs / "profiles" / "t.json", p)
     try:
         rep = build_report(jdir / "checkpoint.safetensors", None, n_images=1, ood=False, heatmaps=False,
                            out=tmp_path / "y", device="cpu")
         assert rep["profile"]["name"] == "t" and rep["masks"]["shown"] == 1
     finally:
-        (runs / "profile.json").unlink()
-    # the profile `matseg bench` ran with, read from the papermill parameters of OUT/<dataset>/benchmark.ipynb
-    nb = {"cells": [{"cell_type": "code", "metadata": {"tags": ["injected-parameters"]}, "outputs": [],
-                     "source": [f"profile_path = {str(prof)!r}\n", "overrides = ['task.deployment_threshold=0.8']\n"]}]}
-    atomic_write_json(jdir.parent / "benchmark.ipynb", nb)
-    try:
-        rep = build_report(jdir, None, n_images=1, ood=False, heatmaps=False, out=tmp_path / "w", device="cpu")
-        assert rep["profile"]["task"]["deployment_threshold"] == 0.8
-    finally:
-        (jdir.parent / "benchmark.ipynb").unlink()
+        (runs / "profiles" / "t.json").unlink()
 
 
 def test_bad_input(run, tmp_path):
@@ -201,9 +192,9 @@ def test_select_best_on_val_not_test():
 
 
 def test_cli_bench_dir_best_job(run, tmp_path, capsys):
-    from matseg.benchmark import write_report
+    from matseg.runs import write_summary
     prof, runs, jdir = run
-    write_report(runs)  # results.csv as `matseg bench` leaves it
+    write_summary(runs)  # results.csv as `matseg bench` leaves it
     sel = best_jobs(runs)
     assert len(sel) == 1 and sel[0]["job_dir"] == str(jdir) and sel[0]["criterion"] == "val mIoU"
     assert cli_report([str(runs), "--profile", str(prof), "--no-ood", "--no-heatmaps", "--n-images", "1",
@@ -260,7 +251,7 @@ def test_real_super1_report(nasa, tmp_path):
     "One epoch on the real Super1 SEM set (palette masks, 512x512), then the full report."
     from matseg.core import asset_path
     from matseg.profile import compile_profile, load_profile
-    from matseg.train import train_job
+    from matseg.runs import train_job
     p = json.loads(asset_path("profiles", "sample.json").read_text())
     p.pop("$schema", None)
     p["datasets"][0].update(name="super1", root=str(nasa / "Super1"))

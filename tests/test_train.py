@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import matseg.runs as R
 import matseg.train as T
 from conftest import write_toy_dataset
 from matseg.core import MatsegError
@@ -45,14 +46,14 @@ def test_early_stopping_on_scripted_curve(tmp_path, monkeypatch):
     curve = [0.1, 0.3, 0.5, 0.4, 0.5, 0.45, 0.9]  # best at epoch 3; 0.5 at epoch 5 is a tie, not an improvement
     real, calls = T.evaluate, []
 
-    def scripted(model, images, masks, n_classes, size, overlap=64, amp=False, boundary=True, tolerance=2):
+    def scripted(model, images, masks, n_classes, size, overlap=64, amp=False, boundary=True, tolerance=2, rule="pixels"):
         calls.append((boundary, len(images), fingerprint(model)))
-        if boundary: return real(model, images, masks, n_classes, size, overlap, amp, boundary, tolerance)
+        if boundary: return real(model, images, masks, n_classes, size, overlap, amp, boundary, tolerance, rule)
         v = curve[sum(not b for b, *_ in calls) - 1]
         return {"miou": v, "loss": 1 - v}, np.zeros((len(images),) + tuple(masks.shape[1:]), np.uint8)
 
-    monkeypatch.setattr(T, "evaluate", scripted)
-    r = T.train_job(job, tmp_path / "run", device="cpu", progress=False)
+    monkeypatch.setattr(R, "evaluate", scripted)  # what train_job calls
+    r = R.train_job(job, tmp_path / "run", device="cpu", progress=False)
     assert r["epochs"] == 6 and r["best_epoch"] == 3 and r["stopped_early"] is True
     per_epoch = [c for c in calls if not c[0]]
     final = [c for c in calls if c[0]]
@@ -60,29 +61,29 @@ def test_early_stopping_on_scripted_curve(tmp_path, monkeypatch):
     assert [c[1] for c in final] == [2, 2]
     assert all(abs(c[2] - per_epoch[2][2]) < 1e-6 * abs(per_epoch[2][2]) for c in final)  # epoch-3 weights restored
     assert abs(per_epoch[5][2] - per_epoch[2][2]) > 1e-6  # ... which differ from the last epoch's
-    ck = json.loads((T.job_dir(tmp_path / "run", job) / "checkpoint.json").read_text())
+    ck = json.loads((R.job_dir(tmp_path / "run", job) / "checkpoint.json").read_text())
     assert ck["epoch"] == 3 and ck["class_names"] == CLASSES
-    hist = (T.job_dir(tmp_path / "run", job) / "history.csv").read_text().splitlines()
+    hist = (R.job_dir(tmp_path / "run", job) / "history.csv").read_text().splitlines()
     assert len(hist) == 7 and hist[0].startswith("job,epoch,train_loss")
 
 
 def test_early_stopping_on_val_loss():
     "monitor=val_loss: lower is better."
     es = T.EarlyStopping(patience=2)
-    vals = [T._monitor_value("val_loss", {"loss": v, "miou": 0}) for v in (1.0, 0.5, 0.6, 0.7)]
+    vals = [R._monitor_value("val_loss", {"loss": v, "miou": 0}) for v in (1.0, 0.5, 0.6, 0.7)]
     assert [es.step(i, v) for i, v in enumerate(vals)] == [True, True, False, False] and es.should_stop
 
 
 def _ckpt_tensors(run, job):
     from safetensors.torch import load_file
-    return load_file(str(T.job_dir(run, job) / "checkpoint.safetensors"))
+    return load_file(str(R.job_dir(run, job) / "checkpoint.safetensors"))
 
 
 @pytest.mark.parametrize("how", ["stop_mid_epoch", "killed_after_epoch"])
 def test_resume_gives_identical_weights(tmp_path, how):
     "An interrupted job resumes at the right epoch and ends with the same weights as an uninterrupted one."
     job = compile_profile(load_profile(write_toy_profile(tmp_path, max_epochs=3)))[0]
-    ref = T.train_job(job, tmp_path / "a", device="cpu", progress=False)
+    ref = R.train_job(job, tmp_path / "a", device="cpu", progress=False)
 
     rows = []
     if how == "stop_mid_epoch":
@@ -90,7 +91,7 @@ def test_resume_gives_identical_weights(tmp_path, how):
 
         def stop():  # 2 batches per epoch: set during epoch 2
             steps["n"] += 1; return steps["n"] > 3
-        out = T.train_job(job, tmp_path / "b", device="cpu", progress=False, stop=stop, callbacks=rows.append)
+        out = R.train_job(job, tmp_path / "b", device="cpu", progress=False, stop=stop, callbacks=rows.append)
         assert out == {"id": job.id, "status": "stopped", "epochs": 1}
         done = 1
     else:
@@ -98,19 +99,19 @@ def test_resume_gives_identical_weights(tmp_path, how):
             rows.append(row)
             if row["epoch"] == 2: raise KeyboardInterrupt
         with pytest.raises(KeyboardInterrupt):
-            T.train_job(job, tmp_path / "b", device="cpu", progress=False, callbacks=kill)
+            R.train_job(job, tmp_path / "b", device="cpu", progress=False, callbacks=kill)
         done = 2
-    state = torch.load(T.job_dir(tmp_path / "b", job) / "state.pt", weights_only=True)
-    assert state["epoch"] == done and not (T.job_dir(tmp_path / "b", job) / "result.json").exists()
+    state = torch.load(R.job_dir(tmp_path / "b", job) / "state.pt", weights_only=True)
+    assert state["epoch"] == done and not (R.job_dir(tmp_path / "b", job) / "result.json").exists()
 
     resumed = []
-    r = T.train_job(job, tmp_path / "b", device="cpu", progress=False, callbacks=resumed.append)
+    r = R.train_job(job, tmp_path / "b", device="cpu", progress=False, callbacks=resumed.append)
     assert [x["epoch"] for x in resumed] == list(range(done + 1, 4))
     assert r["epochs"] == 3 and r["best_epoch"] == ref["best_epoch"]
     a, b = _ckpt_tensors(tmp_path / "a", job), _ckpt_tensors(tmp_path / "b", job)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert json.dumps(r["metrics"], sort_keys=True) == json.dumps(ref["metrics"], sort_keys=True)
-    assert not (T.job_dir(tmp_path / "b", job) / "state.pt").exists()
+    assert not (R.job_dir(tmp_path / "b", job) / "state.pt").exists()
 
 
 def test_grid_skips_finished_jobs(tmp_path, monkeypatch):
@@ -118,17 +119,17 @@ def test_grid_skips_finished_jobs(tmp_path, monkeypatch):
     profile = load_profile(write_toy_profile(tmp_path, decoders=("unet", "fpn"), max_epochs=1))
     started = []
     cb = type("CB", (), {"on_job_start": lambda self, job: started.append(job.id)})()
-    first = T.run_jobs(profile, tmp_path / "run", device="cpu", callbacks=cb, progress=False)
+    first = R.run_jobs(profile, tmp_path / "run", device="cpu", callbacks=cb, progress=False)
     assert [r["status"] for r in first] == ["done", "done"] and len(started) == 2
     import matseg.data
     def no_load(*a, **k): raise AssertionError("data loaded although every job is finished")
     monkeypatch.setattr(matseg.data, "load_dataset", no_load)
-    again = T.run_jobs(profile, tmp_path / "run", device="cpu", callbacks=cb, progress=False)
+    again = R.run_jobs(profile, tmp_path / "run", device="cpu", callbacks=cb, progress=False)
     assert json.dumps(again, sort_keys=True) == json.dumps(first, sort_keys=True)  # (json: NaN-safe equality)
     assert len(started) == 2
     monkeypatch.undo()
-    (T.job_dir(tmp_path / "run", compile_profile(profile)[1]) / "result.json").unlink()
-    T.run_jobs(profile, tmp_path / "run", device="cpu", callbacks=cb, progress=False)
+    (R.job_dir(tmp_path / "run", compile_profile(profile)[1]) / "result.json").unlink()
+    R.run_jobs(profile, tmp_path / "run", device="cpu", callbacks=cb, progress=False)
     assert started[2:] == [compile_profile(profile)[1].id]
 
 

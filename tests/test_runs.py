@@ -1,0 +1,144 @@
+"""The run folder (issue "Trust the numbers"): stale results, train/explain input skew, shared and concurrent folders."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import run_matseg, write_toy_dataset
+
+import matseg.runs as R
+from matseg.benchmark import evaluate_checkpoint
+from matseg.data import load_dataset
+from matseg.explain import cli_explain
+from matseg.ood import cli_ood
+from matseg.profile import load_profile
+from matseg.report import build_report
+from matseg.widgets import CounterfactualExplorer
+
+CLASSES = ["matrix", "disc", "band"]
+
+
+def write_profile(tmp: Path, name="toy", dataset="toy", **training) -> Path:
+    if not (tmp / "data").is_dir(): write_toy_dataset(tmp / "data")
+    prof = {"name": name, "datasets": [{"name": dataset, "modality": "SEM", "material": "synthetic", "root": "data",
+                                        "classes": CLASSES, "normalization": {"imagenet": True}}],
+            "task": {"objective": "segment discs and bands"},
+            "model": {"encoders": ["resnet18"], "decoders": ["unet"], "weights": "none"},
+            "training": {"batch_size": 4, "max_epochs": 1, "crop_size": 32, "crops_per_image": 2, "tile_overlap": 8,
+                         **training}}
+    p = tmp / f"{name}.json"; p.write_text(json.dumps(prof))
+    return p
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    "One `matseg bench` of the toy profile (1 job, 1 epoch) through papermill."
+    tmp = tmp_path_factory.mktemp("runs")
+    prof = write_profile(tmp)
+    p = run_matseg("bench", prof, "--out", tmp / "run", "--device", "cpu", "--report-images", "1", timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return tmp, prof, tmp / "run"
+
+
+def test_changed_spec_is_refused_then_rerun(bench):
+    tmp, prof, out = bench
+    res = json.loads((out / "toy" / "toy__resnet18__unet__s0" / "result.json").read_text())
+    before = (out / "profiles" / "toy.json").read_text()
+    p = run_matseg("bench", prof, "--out", out, "--device", "cpu", "--set", "training.lr=0.5",
+                   "--set", "training.max_epochs=2", "--no-report")
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert "training.lr: 0.0001 -> 0.5" in p.stderr and "training.max_epochs: 1 -> 2" in p.stderr and "--rerun" in p.stderr
+    assert (out / "profiles" / "toy.json").read_text() == before  # provenance not rewritten
+    p = run_matseg("bench", prof, "--out", out, "--device", "cpu", "--set", "training.lr=0.5",
+                   "--set", "training.max_epochs=2", "--no-report", "--rerun")
+    assert p.returncode == 0, p.stderr[-3000:]
+    new = json.loads((out / "toy" / "toy__resnet18__unet__s0" / "result.json").read_text())
+    assert new["training"]["lr"] == 0.5 and new["epochs"] == 2 and new["spec_hash"] != res["spec_hash"]
+    kept = list((out / "superseded" / "toy").iterdir())
+    assert len(kept) == 1 and json.loads((kept[0] / "result.json").read_text())["spec_hash"] == res["spec_hash"]
+    csv = pd.read_csv(out / "results.csv")
+    assert len(csv) == 2 and set(csv["epochs"]) == {2}  # only the live job, never the superseded one
+    assert json.loads((out / "profiles" / "toy.json").read_text())["training"]["lr"] == 0.5
+
+
+def test_second_profile_shares_the_folder(bench, tmp_path):
+    tmp, prof, out = bench
+    other = write_profile(tmp, name="other", dataset="toy2")
+    p = run_matseg("bench", other, "--out", out, "--device", "cpu", "--report-images", "1")
+    assert p.returncode == 0, p.stderr[-3000:]
+    csv = pd.read_csv(out / "results.csv")
+    assert set(csv["dataset"]) == {"toy", "toy2"} and set(csv["profile"]) == {"toy", "other"}
+    assert sorted(x.name for x in (out / "profiles").iterdir()) == ["other.json", "toy.json"]
+    for d in ("toy", "toy2"):
+        rep = json.loads((out / d / "report" / "report.json").read_text())
+        assert rep["profile"]["name"] == {"toy": "toy", "toy2": "other"}[d]
+
+
+def test_concurrent_bench_is_refused(bench):
+    tmp, prof, out = bench
+    hold = subprocess.Popen([sys.executable, "-c", "import sys, time; from matseg.runs import RunLock; "
+                             "RunLock(sys.argv[1], 'matseg bench A').acquire(); print('held', flush=True); time.sleep(120)",
+                             str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert hold.stdout.readline().strip() == "held"
+        p = run_matseg("bench", prof, "--out", out, "--device", "cpu", "--no-report")
+        assert p.returncode == 2 and "in use by another matseg process" in p.stderr and "matseg bench A" in p.stderr
+    finally:
+        hold.kill(); hold.wait()
+
+
+def test_bad_out_and_device_refused_before_compute(tmp_path):
+    prof = write_profile(tmp_path)
+    (tmp_path / "afile").write_text("x")
+    for args, msg in [(["--out", tmp_path / "afile"], "is an existing file"),
+                      (["--out", tmp_path / "afile" / "sub"], "is a file, so the folder cannot be created"),
+                      (["--out", tmp_path / "ok", "--device", "foo"], "'foo' is not a device")]:
+        p = run_matseg("bench", prof, *args, timeout=120)
+        assert p.returncode == 2 and msg in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert not (tmp_path / "ok").exists()
+
+
+def test_every_reader_feeds_the_training_tensor(bench, tmp_path, monkeypatch):
+    "evaluate, ood, report and the explorer widget: the first tensor reaching the model = the training tensor."
+    tmp, prof, out = bench
+    jdir = out / "toy" / "toy__resnet18__unet__s0"
+    tj0 = R.TrainedJob.open(jdir, device="cpu")
+    assert tj0.meta["input_stats"]["mean"] == pytest.approx([0.449])  # ImageNet's mean of means, one channel
+    profile = load_profile(prof)
+    spec = profile.dataset("toy")
+    ds = load_dataset(spec, profile.base_dir, splits=["test"])
+    # what training made of the test images: the dataset tensor standardised by the job's statistics
+    st = tj0.meta["input_stats"]
+    train_x = (torch.from_numpy(ds["image"].values) - st["mean"][0]) / st["std"][0]
+    files = [Path(f) for f in ds["file"].values]
+    np.testing.assert_allclose(tj0.prepare(files[0]).numpy(), train_x[0].numpy(), atol=1e-6)
+
+    seen = []
+    orig = R.TrainedJob.open.__func__
+
+    def spy(cls, *a, **k):
+        tj = orig(cls, *a, **k)
+        tj.model.encoder.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().cpu().clone()))
+        return tj
+    monkeypatch.setattr(R.TrainedJob, "open", classmethod(spy))
+
+    def first_matches(expected):
+        x = seen[0][0]; h, w = x.shape[-2:]
+        torch.testing.assert_close(x, expected[:, :h, :w], atol=1e-5, rtol=1e-5)
+        seen.clear()
+
+    evaluate_checkpoint(jdir, None, "test", device="cpu")
+    first_matches(train_x[0])
+    build_report(jdir, None, n_images=1, ood=False, heatmaps=False, out=tmp_path / "rep", device="cpu")
+    first_matches(train_x[0])
+    assert cli_ood([str(jdir), "--id", "toy:train", "--test", str(files[0]), "--tile", "0", "--k", "1",
+                    "--device", "cpu", "--out", str(tmp_path / "ood")]) == 0
+    seen[:] = seen[-1:]  # the test image is embedded last (whole image: --tile 0)
+    first_matches(train_x[0])
+    ce = CounterfactualExplorer.from_job(R.TrainedJob.open(jdir, device="cpu"), files[0], patch=16, stride=16)
+    first_matches(train_x[0])
+    assert ce.pred.shape == (64, 64)
