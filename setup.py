@@ -27,6 +27,7 @@ requirements = [
     "pandas>=2.1",
     "tifffile>=2024.1",
     "pillow>=10",
+    "pycocotools>=2.0.7,<3",
     "pydantic>=2.6,<3",
     "jsonschema>=4.20",
     "tqdm>=4.66",

@@ -11,7 +11,8 @@ import logging
 import re
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -21,11 +22,11 @@ from .core import MatsegError, cli_parser
 from .profile import apply_overrides, load_profile
 
 # %% auto #0
-__all__ = ['IMAGE_EXTS', 'MASK_DIR_SUFFIXES', 'IMAGENET_MEAN', 'IMAGENET_STD', 'read_image', 'read_mask', 'decode_mask', 'Sample',
-           'dataset_root', 'discover_splits', 'split_counts', 'read_volume', 'pair_files', 'check_finite', 'normalize',
-           'imagenet_normalize', 'read_sample', 'read_samples', 'load_dataset', 'dataset_classes', 'overlay',
-           'class_fraction', 'tile_starts', 'tile', 'stitch', 'summarize_dataset', 'summarize', 'summary_table',
-           'cli_data']
+__all__ = ['IMAGE_EXTS', 'MASK_DIR_SUFFIXES', 'IMAGENET_MEAN', 'IMAGENET_STD', 'read_image', 'read_mask', 'decode_mask',
+           'CocoImage', 'Sample', 'dataset_root', 'discover_splits', 'split_counts', 'read_volume', 'pair_files',
+           'read_coco', 'coco_images', 'coco_mask', 'check_finite', 'normalize', 'imagenet_normalize', 'read_sample',
+           'read_samples', 'load_dataset', 'dataset_classes', 'dataset_ignore_index', 'overlay', 'class_fraction',
+           'tile_starts', 'tile', 'stitch', 'summarize_dataset', 'summarize', 'summary_table', 'cli_data']
 
 # %% ../nbs/01_data.ipynb #5231d0ba
 IMAGE_EXTS = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp", ".npy")
@@ -127,25 +128,37 @@ def _single(raw: np.ndarray, path, kind: str) -> np.ndarray:
 def _enc(encoding, name, default=None):
     return encoding.get(name, default) if isinstance(encoding, dict) else getattr(encoding, name, default)
 
-def _decode_index(raw, classes, path):
+def _decode_index(raw, classes, path, ignore_index=None):
     m = _single(raw, path, "index")
     if m.dtype.kind == "f":
         if not np.all(np.isfinite(m)) or not np.array_equal(m, np.round(m)):
             raise MatsegError(f"{path}: mask has non-integer values; an index mask must hold class numbers 0..{len(classes) - 1}")
     vals, counts = np.unique(m, return_counts=True)
-    bad = (vals < 0) | (vals >= len(classes))
+    bad = ((vals < 0) | (vals >= len(classes))) & (vals != (ignore_index if ignore_index is not None else -1))
     if bad.any():
         listing = ", ".join(f"{v:g}: {c} px" for v, c in zip(vals[bad].tolist(), counts[bad].tolist()))
-        raise MatsegError(f"{path}: mask labels {{{listing}}} are outside 0..{len(classes) - 1} "
+        ign = "" if ignore_index is None else f" or the ignore_index {ignore_index}"
+        raise MatsegError(f"{path}: mask labels {{{listing}}} are outside 0..{len(classes) - 1}{ign} "
                           f"({len(classes)} classes {classes}); add the missing classes to the profile, or use a "
-                          "'binary' encoding for 0/255 masks, or fix the annotation")
+                          "'binary' encoding for 0/255 masks, or set the dataset's ignore_index (e.g. 255) when that "
+                          "value marks unlabelled pixels, or fix the annotation")
     return m.astype(np.uint8)
 
-def _decode_binary(raw, foreground, path):
-    m = _single(raw, path, "binary")
-    return (m != 0 if foreground in (None, "nonzero") else m == foreground).astype(np.uint8)
+def _need_ignore(ignore_index, what: str, path):
+    if ignore_index is None:
+        raise MatsegError(f"{path}: the mask encoding's {what} marks unlabelled pixels but no ignore_index is given; set the "
+                          'dataset\'s "ignore_index" (e.g. 255)')
 
-def _decode_palette(raw, encoding, classes, path):
+def _decode_binary(raw, foreground, path, ignore_value=None, ignore_index=None):
+    m = _single(raw, path, "binary")
+    ign = (m == ignore_value) if ignore_value is not None else None
+    out = (m != 0 if foreground in (None, "nonzero") else m == foreground).astype(np.uint8)
+    if ign is not None and ign.any():
+        _need_ignore(ignore_index, f"ignore_value {ignore_value}", path)
+        out[ign] = ignore_index
+    return out
+
+def _decode_palette(raw, encoding, classes, path, ignore_index=None):
     if raw.ndim != 3:
         raise MatsegError(f"{path}: mask is single-channel {raw.shape} but the mask encoding is 'palette' (RGB colours); "
                           "use an 'index' or 'binary' encoding for it, or export colour masks")
@@ -158,6 +171,12 @@ def _decode_palette(raw, encoding, classes, path):
     diff = rgb.astype(np.int16) if tol else rgb
     out = np.zeros(rgb.shape[:2], np.uint8)
     done = np.zeros(rgb.shape[:2], bool)
+    ign_col = _enc(encoding, "ignore_color")
+    if ign_col is not None:  # unlabelled pixels first: the ignore colour wins over a class colour within tolerance
+        hit = ((np.abs(diff - np.asarray(ign_col, np.int16)) <= tol) if tol else (rgb == np.asarray(ign_col, rgb.dtype))).all(-1)
+        if hit.any():
+            _need_ignore(ignore_index, f"ignore_color {list(ign_col)}", path)
+            out[hit] = ignore_index; done |= hit
     for name, col in colors.items():  # a loop over palette entries; each step is vectorised over pixels
         hit = ((np.abs(diff - np.asarray(col, np.int16)) <= tol) if tol else (rgb == np.asarray(col, rgb.dtype))).all(-1)
         hit &= ~done
@@ -179,15 +198,31 @@ def decode_mask(raw: np.ndarray,  # raw mask from `read_mask`
                 encoding,  # IndexEncoding | BinaryEncoding | PaletteEncoding (or an equivalent dict)
                 classes: list[str],  # class names; index i is class i
                 path: str | Path = "<mask>",  # file name for error messages
+                *,
+                ignore_index: int | None = None,  # the dataset's label for unlabelled pixels (e.g. 255)
                ) -> np.ndarray:
-    "Decode a raw mask into class indices (H, W) uint8."
+    "Decode a raw mask into class indices (H, W) uint8; unlabelled pixels get `ignore_index`."
     kind = _enc(encoding, "kind", "index")
-    if kind == "index": return _decode_index(raw, classes, path)
-    if kind == "binary": return _decode_binary(raw, _enc(encoding, "foreground", "nonzero"), path)
-    if kind == "palette": return _decode_palette(raw, encoding, classes, path)
-    raise MatsegError(f"unknown mask encoding kind {kind!r}; valid kinds: index, binary, palette")
+    if kind == "index": return _decode_index(raw, classes, path, ignore_index)
+    if kind == "binary":
+        return _decode_binary(raw, _enc(encoding, "foreground", "nonzero"), path, _enc(encoding, "ignore_value"), ignore_index)
+    if kind == "palette": return _decode_palette(raw, encoding, classes, path, ignore_index)
+    if kind == "coco":
+        raise MatsegError(f"{path}: a 'coco' mask comes from an annotation file, not a raster mask; use `coco_mask` "
+                          "(load_dataset and read_samples do)")
+    raise MatsegError(f"unknown mask encoding kind {kind!r}; valid kinds: index, binary, palette, coco")
 
 # %% ../nbs/01_data.ipynb #0f03bbc0
+@dataclass(frozen=True, eq=False)
+class CocoImage:
+    "One image of a COCO file, checked: its file on disk, size and annotations."
+    id: int | str  # COCO image id
+    file: Path  # the image file found on disk
+    height: int
+    width: int
+    annotations: tuple  # its annotation dicts, in file order
+    classes: tuple  # (category_id, class index or None) pairs of the file
+
 @dataclass(frozen=True)
 class Sample:
     "One image/mask pair (or one slice of a volume)."
@@ -196,6 +231,7 @@ class Sample:
     image: Path | list[Path]  # image file, or one file per channel
     mask: Path  # mask file
     index: int | None = None  # slice index for layout 'volume'
+    coco: CocoImage | None = field(default=None, compare=False, repr=False)  # its COCO image (mask = the annotation file)
 
     @property
     def files(self) -> list[Path]:
@@ -363,6 +399,7 @@ def pair_files(spec,  # DatasetSpec
               ) -> list[Sample]:
     "List a dataset's samples (image/mask pairs with their split) without reading pixels."
     root, lay = dataset_root(spec, base_dir), spec.layout
+    if _enc(spec.mask_encoding, "kind") == "coco": return _coco_samples(spec, root)
     if lay.kind == "volume":
         vi, vm = _need_file(root, lay.volume_image, spec), _need_file(root, lay.volume_mask, spec)
         si, sm = _volume_shape(vi), _volume_shape(vm)
@@ -417,6 +454,223 @@ def _need_file(root: Path, rel: str, spec) -> Path:
         raise MatsegError(f"dataset {spec.name!r}: volume file {rel!r} does not exist (resolved relative to the dataset root "
                           f"as {p}); fix layout.volume_image / volume_mask")
     return p
+
+# %% ../nbs/01_data.ipynb #30862eaf
+_COCO_KEYS = ("images", "annotations", "categories")
+
+@lru_cache(maxsize=16)
+def _coco_json(path: str, mtime_ns: int, size: int) -> dict:
+    "The parsed COCO file (cached per path, size and mtime)."
+    try: data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise MatsegError(f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg}); fix the syntax at that line and column "
+                          "or re-export the annotations from the annotation tool") from None
+    except UnicodeDecodeError as e:
+        raise MatsegError(f"{path}: not UTF-8 text ({e}); re-export the COCO annotations as UTF-8 JSON") from None
+    missing = [k for k in _COCO_KEYS if not isinstance(data, dict) or not isinstance(data.get(k), list)]
+    if missing:
+        raise MatsegError(f"{path}: not a COCO instance-annotation file: no list {', '.join(map(repr, missing))} at the top "
+                          "level (COCO has 'images', 'annotations' and 'categories'); export COCO instance annotations")
+    return data
+
+def read_coco(path: str | Path,  # COCO instance-annotation JSON file
+             ) -> dict:
+    "Read a COCO annotation file (its JSON as a dict); invalid JSON is an error naming the line and column."
+    path = Path(path)
+    if not path.is_file():
+        raise MatsegError(f"{path}: COCO annotation file does not exist; check mask_encoding.annotations (paths are "
+                          "relative to the dataset root)")
+    st = path.stat()
+    return _coco_json(str(path.resolve()), st.st_mtime_ns, st.st_size)
+
+def _norm_name(s: str) -> str: return re.sub(r"[\s_-]+", "_", str(s).strip().lower())
+
+def _coco_classes(spec, path: Path, data: dict, used: set) -> dict:
+    "COCO category id -> class index (or None for the ignore label), for the categories annotations use."
+    enc, classes = spec.mask_encoding, list(spec.classes)
+    names = {c.get("id"): c.get("name") for c in data["categories"] if isinstance(c, dict)}
+    out, bad = {}, []
+    for cid in sorted(used, key=str):
+        if cid not in names:
+            raise MatsegError(f"{path}: annotations use category_id {cid!r}, which is not in the file's 'categories' "
+                              f"(ids {sorted(names, key=str)}); fix the annotation export")
+        name = names[cid]
+        if enc.categories is not None:
+            if name not in enc.categories: bad.append(name); continue
+            target = enc.categories[name]
+            out[cid] = None if target is None else classes.index(target)
+        else:
+            hit = [i for i, c in enumerate(classes) if _norm_name(c) == _norm_name(name)]
+            if not hit: bad.append(name); continue
+            out[cid] = hit[0]
+    if bad:
+        raise MatsegError(f"{path}: COCO categor{'y' if len(bad) == 1 else 'ies'} {', '.join(map(repr, bad))} "
+                          f"{'is' if len(bad) == 1 else 'are'} not among the profile's classes {classes}; add "
+                          f"{'it' if len(bad) == 1 else 'them'} to 'classes', or map category names to classes with "
+                          'mask_encoding.categories, e.g. {"' + str(bad[0]) + '": "' + classes[-1] + '"} (null = ignore label)')
+    return out
+
+def _check_segmentation(seg, h: int, w: int) -> str | None:
+    "Why a COCO segmentation cannot be rasterised on an h x w image, or None."
+    if isinstance(seg, dict):
+        if not isinstance(seg.get("size"), list) or "counts" not in seg:
+            return "an RLE segmentation needs 'size' [height, width] and 'counts'"
+        if list(seg["size"]) != [h, w]: return f"its RLE size {seg['size']} is not the image's [{h}, {w}]"
+        return None
+    if not isinstance(seg, list) or not seg: return f"segmentation {json.dumps(seg)[:60]} is neither polygons nor RLE"
+    for k, poly in enumerate(seg):
+        if not isinstance(poly, list) or not all(_num(v) for v in poly):
+            return f"polygon {k} is not a list of numbers"
+        if len(poly) < 6 or len(poly) % 2:
+            return f"polygon {k} has {len(poly) / 2:g} points (x, y pairs); a polygon needs at least 3"
+        xs, ys = poly[0::2], poly[1::2]
+        if min(xs) < 0 or min(ys) < 0 or max(xs) > w or max(ys) > h:
+            return (f"polygon {k} reaches outside the {w}x{h} (WxH) image (x {min(xs):g}..{max(xs):g}, "
+                    f"y {min(ys):g}..{max(ys):g}; allowed 0..{w} and 0..{h})")
+    return None
+
+def _num(v) -> bool: return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+
+def _find_image(base: Path, file_name: str) -> Path | None:
+    "`file_name` under `base`, dropping leading folders that are not there ('./data/train/a.png' -> 'train/a.png', 'a.png')."
+    parts = [p for p in Path(str(file_name).replace("\\", "/")).parts if p not in (".", "/")]
+    for i in range(len(parts)):
+        p = base.joinpath(*parts[i:])
+        if p.is_file(): return p
+    return None
+
+def _listing(items: list[str], n: int = 10) -> str:
+    return "; ".join(items[:n]) + (f"; and {len(items) - n} more" if len(items) > n else "")
+
+def coco_images(spec,  # DatasetSpec with a 'coco' mask encoding
+                path: str | Path,  # one annotation file
+                root: str | Path,  # dataset root
+               ) -> list[CocoImage]:
+    "Every image of a COCO file, checked: image ids, files on disk, categories, polygons (nothing rasterised)."
+    path, enc = Path(path), spec.mask_encoding
+    data = read_coco(path)
+    base = Path(root) / enc.images
+    images, dup, bad_img = {}, [], []
+    for k, im in enumerate(data["images"]):
+        if not isinstance(im, dict) or not isinstance(im.get("file_name"), str) or not all(
+                isinstance(im.get(x), int) and not isinstance(im.get(x), bool) and im.get(x) > 0 for x in ("height", "width")):
+            bad_img.append(f"images[{k}] = {json.dumps(im)[:80]}"); continue
+        if im.get("id") in images: dup.append(repr(im.get("id")))
+        images[im.get("id")] = im
+    if bad_img:
+        raise MatsegError(f"{path}: COCO images without 'id', 'file_name' and positive integer 'height' and 'width': "
+                          f"{_listing(bad_img)}; fix the annotation export")
+    if dup: raise MatsegError(f"{path}: image id(s) {', '.join(dup[:10])} listed more than once in 'images'; ids must be unique")
+    by_image, orphans, broken = {i: [] for i in images}, [], []
+    for k, a in enumerate(data["annotations"]):
+        if not isinstance(a, dict) or "segmentation" not in a or "image_id" not in a or "category_id" not in a:
+            broken.append(f"annotations[{k}] has no 'image_id', 'category_id' or 'segmentation'"); continue
+        if a["image_id"] not in images:
+            orphans.append(f"annotation id {a.get('id')!r} (annotations[{k}]) -> image_id {a['image_id']!r}"); continue
+        by_image[a["image_id"]].append(a)
+    if orphans:
+        raise MatsegError(f"{path}: annotations point to image ids that 'images' does not list: {_listing(orphans)}; "
+                          f"the file lists image ids {_listing([repr(i) for i in images], 5)}; add the images or remove "
+                          "those annotations")
+    cls = _coco_classes(spec, path, data, {a["category_id"] for v in by_image.values() for a in v})
+    out, absent = [], []
+    for iid, im in images.items():
+        h, w = im["height"], im["width"]
+        for a in by_image[iid]:
+            why = _check_segmentation(a["segmentation"], h, w)
+            if why: broken.append(f"annotation id {a.get('id')!r} on image {im['file_name']!r}: {why}")
+        f = _find_image(base, im["file_name"])
+        if f is None: absent.append(im["file_name"]); continue
+        out.append(CocoImage(iid, f, h, w, tuple(by_image[iid]), tuple(cls.items())))
+    if broken:
+        raise MatsegError(f"{path}: annotations that cannot be rasterised: {_listing(broken)}; fix or remove them in "
+                          "the annotation tool and export again")
+    if absent:
+        raise MatsegError(f"{path}: {len(absent)} image(s) listed in 'images' are not on disk under {base} (also tried "
+                          f"without their leading folders): {_listing(absent)}; copy the images there, or set "
+                          "mask_encoding.images to the folder their file_name is relative to")
+    return out
+
+def _segment(seg, h: int, w: int) -> np.ndarray:
+    "Boolean (h, w) pixels of one COCO segmentation (polygons or RLE), by pycocotools."
+    from pycocotools import mask as mask_utils
+    if isinstance(seg, list): rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
+    elif isinstance(seg.get("counts"), list): rle = mask_utils.frPyObjects(seg, h, w)
+    else: rle = {"size": seg["size"], "counts": seg["counts"].encode() if isinstance(seg["counts"], str) else seg["counts"]}
+    with warnings.catch_warnings():  # pycocotools 2.0.x under numpy 2: a DeprecationWarning about __array__(copy=)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return mask_utils.decode(rle).astype(bool)
+
+def coco_mask(image: CocoImage,  # from `coco_images`
+              encoding,  # the CocoEncoding
+              ignore_index: int | None = None,  # label of unlabelled pixels (None: they are an error)
+              where: str = "<coco>",  # annotation file, for messages
+             ) -> tuple[np.ndarray, np.ndarray, list]:
+    "Class mask (H, W) uint8, instance map (H, W) uint16 (0 = none, i = `ids[i-1]`) and the annotation ids `ids`."
+    h, w, cls = image.height, image.width, dict(image.classes)
+    IGN = 256  # placeholder for the ignore label while painting
+    mask = np.full((h, w), IGN if encoding.unannotated == "ignore" else 0, np.int16)
+    inst = np.zeros((h, w), np.uint16)
+    count = np.zeros((h, w), np.uint16)
+    crowd = np.zeros((h, w), bool)
+    objs, ids = [], []
+    for a in image.annotations:
+        m = _segment(a["segmentation"], h, w)
+        if a.get("iscrowd") and encoding.crowd == "ignore": crowd |= m; continue
+        ids.append(a.get("id")); objs.append((len(ids), m, cls[a["category_id"]]))
+        count += m
+    if encoding.overlap == "smallest": objs.sort(key=lambda o: (-int(o[1].sum()), o[0]))  # largest first, smallest on top
+    for i, m, c in objs:
+        mask[m] = IGN if c is None else c; inst[m] = i
+    if encoding.overlap == "ignore":
+        contested = count > 1
+        mask[contested] = IGN; inst[contested] = 0
+    mask[crowd & (count == 0)] = IGN
+    n_ign = int((mask == IGN).sum())
+    if n_ign and ignore_index is None:
+        raise MatsegError(f"{where}: image {image.file.name!r} has {n_ign} unlabelled pixels (crowd regions, unannotated "
+                          "areas, contested overlaps or categories mapped to null) but the dataset has no ignore_index; "
+                          'add "ignore_index": 255 to the dataset, or set mask_encoding.crowd to "category"')
+    mask[mask == IGN] = ignore_index if ignore_index is not None else 0
+    return mask.astype(np.uint8), inst, ids
+
+def _coco_samples(spec, root: Path) -> list[Sample]:
+    "The samples of a COCO dataset with their splits (by file, by fractions, by group)."
+    enc, lay = spec.mask_encoding, spec.layout
+    rules = {enc.annotations: None} if isinstance(enc.annotations, str) else dict(enc.annotations)
+    samples, seen = [], {}
+    for rel, rule in rules.items():
+        path = root / rel
+        imgs = coco_images(spec, path, root)
+        if not imgs:
+            raise MatsegError(f"{path}: lists no images; export the annotations with their images, or remove the file "
+                              "from mask_encoding.annotations")
+        names = []
+        for im in imgs:
+            name = im.file.stem
+            if name in seen:
+                raise MatsegError(f"dataset {spec.name!r}: image name {name!r} appears twice ({seen[name]} and {path} "
+                                  f"image id {im.id!r}); sample names must be unique: rename one file")
+            seen[name] = f"{path} image id {im.id!r}"; names.append(name)
+        if isinstance(rule, str): where = dict.fromkeys(names, rule)
+        else:
+            fractions = rule if rule is not None else lay.split_fractions
+            if lay.group:
+                group = _groups(names, lay.group, spec)
+                by_group = _seeded_split(sorted(set(group.values())), fractions, lay.split_seed)
+                where = {n: by_group[group[n]] for n in names}
+            else: where = _seeded_split(names, fractions, lay.split_seed)
+        samples += [Sample(n, where[n], im.file, path, coco=im) for n, im in zip(names, imgs)]
+    if lay.group:  # a group (e.g. the overlapping tiles of one slice) never sits in two splits
+        group, splits_of = _groups([s.name for s in samples], lay.group, spec), {}
+        for s in samples: splits_of.setdefault(group[s.name], set()).add(s.split)
+        leak = {g: sorted(v) for g, v in splits_of.items() if len(v) > 1}
+        if leak:
+            raise MatsegError(f"dataset {spec.name!r}: layout.group {json.dumps(lay.group)} puts group(s) in several splits: "
+                              f"{', '.join(f'{g} in {v}' for g, v in leak.items())} (their annotation files assign different "
+                              "splits); move those images to one file, or fix the pattern")
+    return sorted(samples, key=lambda s: (_ORDER.get(s.split, 9), s.split, s.name))
+
 
 # %% ../nbs/01_data.ipynb #499477ad
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -500,6 +754,11 @@ def _read_pair(s: Sample, spec, cache: dict) -> tuple[np.ndarray, np.ndarray]:
         raw = np.take(cache[s.mask], s.index, axis=ax)
         where = f"{s.mask} slice {s.index} along axis {ax}"
         img = check_finite(img, f"{s.image} slice {s.index} along axis {ax}", spec.normalization.nonfinite)
+    elif s.coco is not None:  # a COCO image: the mask is rasterised from its annotations
+        img = check_finite(read_image(s.image), str(s.image), spec.normalization.nonfinite)
+        raw, inst, ids = coco_mask(s.coco, enc, getattr(spec, "ignore_index", None), str(s.mask))
+        cache[("instances", s.name)] = (inst, ids)
+        where = f"{s.mask} (image id {s.coco.id!r}, height/width as listed there)"
     else:
         chans = [read_image(f) for f in s.files]
         if len(chans) > 1:
@@ -520,7 +779,8 @@ def _read_pair(s: Sample, spec, cache: dict) -> tuple[np.ndarray, np.ndarray]:
         raise MatsegError(f"dataset {spec.name!r}: image {', '.join(map(str, s.files))} is {img.shape[1]}x{img.shape[2]} "
                           f"(HxW) but its mask {where} is {raw.shape[0]}x{raw.shape[1]}; they must match pixel for pixel: "
                           "re-export the mask at the image's size or check the pairing")
-    return img, decode_mask(raw, enc, list(spec.classes), where)
+    if s.coco is not None: return img, raw
+    return img, decode_mask(raw, enc, list(spec.classes), where, ignore_index=getattr(spec, "ignore_index", None))
 
 def read_sample(sample: Sample,  # from `pair_files`
                 spec,  # DatasetSpec
@@ -533,8 +793,12 @@ def read_samples(spec,  # DatasetSpec
                  samples: list[Sample],  # from `pair_files`
                 ) -> list[tuple[np.ndarray, np.ndarray]]:
     "Read and check every sample: native (C, H, W) images and decoded (H, W) uint8 masks."
+    return _read_all(spec, samples)[0]
+
+def _read_all(spec, samples: list[Sample]) -> tuple[list, dict]:
+    "(pairs, cache): the cache holds ('instances', name) -> (instance map, annotation ids) of COCO samples."
     cache: dict = {}
-    return [_read_pair(s, spec, cache) for s in samples]
+    return [_read_pair(s, spec, cache) for s in samples], cache
 
 def _select(samples: list[Sample], splits, spec) -> list[Sample]:
     if splits is None: return samples
@@ -551,7 +815,7 @@ def load_dataset(spec,  # DatasetSpec
                 ) -> xr.Dataset:
     "Read a dataset into memory: normalised float32 images (sample, channel, y, x) and uint8 masks (sample, y, x)."
     samples = _select(pair_files(spec, base_dir), splits, spec)
-    pairs = read_samples(spec, samples)
+    pairs, cache = _read_all(spec, samples)
     shapes = {}
     for s, (img, _) in zip(samples, pairs): shapes.setdefault(img.shape[1:], []).append(s)
     if len(shapes) > 1:
@@ -562,16 +826,26 @@ def load_dataset(spec,  # DatasetSpec
     images = np.stack([normalize(img, spec.normalization, source=str(s.files[0])) for s, (img, _) in zip(samples, pairs)])
     masks = np.stack([m for _, m in pairs])
     files = [str(s.files[0]) if s.index is None else f"{s.image}[{s.index}]" for s in samples]
+    data = {"image": (("sample", "channel", "y", "x"), images), "mask": (("sample", "y", "x"), masks)}
+    attrs = {"name": spec.name, "modality": spec.modality, "material": spec.material,
+             "classes": json.dumps(list(spec.classes))}
+    if getattr(spec, "ignore_index", None) is not None: attrs["ignore_index"] = int(spec.ignore_index)
+    if any(s.coco is not None for s in samples):  # instance identities: map (0 = none) + annotation ids per sample
+        data["instances"] = (("sample", "y", "x"), np.stack([cache[("instances", s.name)][0] for s in samples]))
+        attrs["instance_ids"] = json.dumps({s.name: cache[("instances", s.name)][1] for s in samples})
     return xr.Dataset(
-        {"image": (("sample", "channel", "y", "x"), images), "mask": (("sample", "y", "x"), masks)},
-        coords={"sample": [s.name for s in samples], "file": ("sample", files), "split": ("sample", [s.split for s in samples]),
-                "channel": list(spec.channels)},
-        attrs={"name": spec.name, "modality": spec.modality, "material": spec.material,
-               "classes": json.dumps(list(spec.classes))})
+        data, coords={"sample": [s.name for s in samples], "file": ("sample", files),
+                      "split": ("sample", [s.split for s in samples]), "channel": list(spec.channels)},
+        attrs=attrs)
 
 def dataset_classes(ds: xr.Dataset) -> list[str]:
     "Class names of a dataset from `load_dataset`."
     return json.loads(ds.attrs["classes"])
+
+def dataset_ignore_index(ds: xr.Dataset) -> int | None:
+    "The label of unlabelled pixels of a dataset from `load_dataset` (None when every pixel is labelled)."
+    v = ds.attrs.get("ignore_index")
+    return None if v is None else int(v)
 
 # %% ../nbs/01_data.ipynb #01975756
 def overlay(image: np.ndarray,  # (H, W) or (C, H, W) image in [0, 1]
@@ -676,17 +950,28 @@ def summarize_dataset(spec,  # DatasetSpec
                      ) -> dict:
     "The summary of one dataset (see `summarize`)."
     samples = pair_files(spec, base_dir)
-    pairs = read_samples(spec, samples)
+    pairs, cache = _read_all(spec, samples)
     splits = list(dict.fromkeys(s.split for s in samples))
     n = len(spec.classes)
-    return {"name": spec.name, "modality": spec.modality,
-            "splits": {k: sum(s.split == k for s in samples) for k in splits},
-            "classes": list(spec.classes),
-            "class_fraction": {k: [round(float(v), 6) for v in _fractions(
-                np.concatenate([m.ravel() for s, (_, m) in zip(samples, pairs) if s.split == k]), n)] for k in splits},
-            "shapes": [list(s) for s in sorted({tuple(int(d) for d in img.shape) for img, _ in pairs})],
-            "dtypes": sorted({str(img.dtype) for img, _ in pairs}),
-            "channels": list(spec.channels)}
+    masks = {k: np.concatenate([m.ravel() for s, (_, m) in zip(samples, pairs) if s.split == k]) for k in splits}
+    out = {"name": spec.name, "modality": spec.modality,
+           "splits": {k: sum(s.split == k for s in samples) for k in splits},
+           "classes": list(spec.classes),
+           "class_fraction": {k: [round(float(v), 6) for v in _fractions(masks[k], n)] for k in splits},
+           "shapes": [list(s) for s in sorted({tuple(int(d) for d in img.shape) for img, _ in pairs})],
+           "dtypes": sorted({str(img.dtype) for img, _ in pairs}),
+           "channels": list(spec.channels)}
+    ig = getattr(spec, "ignore_index", None)
+    if ig is not None:
+        out["ignore_index"] = int(ig)
+        out["ignored_fraction"] = {k: round(float((masks[k] == ig).mean()), 6) for k in splits}
+    if spec.layout.group:  # which groups (e.g. slices) each split holds, with their sample counts
+        group = _groups([s.name for s in samples], spec.layout.group, spec)
+        out["groups"] = {k: {g: sum(s.split == k and group[s.name] == g for s in samples)
+                             for g in sorted({group[s.name] for s in samples if s.split == k})} for k in splits}
+    if any(s.coco is not None for s in samples):
+        out["instances"] = {k: sum(len(cache[("instances", s.name)][1]) for s in samples if s.split == k) for k in splits}
+    return out
 
 def summarize(profile,  # Profile (its base_dir resolves dataset roots)
               base_dir: str | Path | None = None,  # override the profile's folder
@@ -701,7 +986,12 @@ def summary_table(summary: dict,  # from `summarize`
     lines = []
     for d in summary["datasets"]:
         lines += [f"{d['name']}  ({d['modality']})",
-                  f"  images   {' / '.join(f'{k} {v}' for k, v in d['splits'].items())}  (total {sum(d['splits'].values())})",
+                  f"  images   {' / '.join(f'{k} {v}' for k, v in d['splits'].items())}  (total {sum(d['splits'].values())})"]
+        for k, gs in d.get("groups", {}).items():
+            lines.append(f"  groups   {k}: {', '.join(f'{g} ({c})' for g, c in gs.items())}")
+        if "instances" in d:
+            lines.append(f"  objects  {' / '.join(f'{k} {v}' for k, v in d['instances'].items())} annotated instances")
+        lines += [
                   f"  shapes   {', '.join('x'.join(map(str, s)) + ' (CxHxW)' for s in d['shapes'])}",
                   f"  dtypes   {', '.join(d['dtypes'])}    channels {', '.join(d['channels'])}",
                   "  class fractions (% of pixels):"]
@@ -709,6 +999,9 @@ def summary_table(summary: dict,  # from `summarize`
         lines.append("    " + f"{'split':<10}" + "".join(f"{c:>{w + 2}}" for c in d["classes"]))
         for k, fr in d["class_fraction"].items():
             lines.append("    " + f"{k:<10}" + "".join(f"{100 * f:>{w + 2}.2f}" for f in fr))
+        if "ignored_fraction" in d:
+            lines.append(f"    of labelled pixels; ignored (label {d['ignore_index']}): "
+                         + ", ".join(f"{k} {100 * v:.2f} %" for k, v in d["ignored_fraction"].items()))
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 

@@ -23,10 +23,10 @@ from .core import MatsegError, asset_path, atomic_write_json, cli_parser
 # %% auto #0
 __all__ = ['NAME_MAX_BYTES', 'NAME_MAX', 'SEED_MAX', 'RGB', 'MaskEncoding', 'Modality', 'METRICS', 'QC_SIGNALS',
            'WEIGHTS_KEYWORDS', 'SplitDirs', 'LayoutSpec', 'IndexEncoding', 'BinaryEncoding', 'PaletteEncoding',
-           'NormSpec', 'DatasetSpec', 'TaskSpec', 'valid_decoders', 'valid_encoders', 'ModelSpec', 'TrainingSpec',
-           'Profile', 'ProfileError', 'parse_profile', 'load_profile', 'profile_to_dict', 'save_profile',
-           'profile_schema', 'write_schema', 'apply_overrides', 'check_paths', 'Job', 'compile_profile', 'summary_text',
-           'cli_validate', 'cli_jobs', 'cli_schema']
+           'CocoEncoding', 'NormSpec', 'DatasetSpec', 'TaskSpec', 'valid_decoders', 'valid_encoders', 'ModelSpec',
+           'TrainingSpec', 'Profile', 'ProfileError', 'parse_profile', 'load_profile', 'profile_to_dict',
+           'save_profile', 'profile_schema', 'write_schema', 'apply_overrides', 'check_paths', 'Job', 'compile_profile',
+           'summary_text', 'cli_validate', 'cli_jobs', 'cli_schema']
 
 # %% ../nbs/00_profile.ipynb #ebaa7227
 NAME_MAX_BYTES = 255  # longest file or folder name (one path component) on common file systems
@@ -191,13 +191,15 @@ class LayoutSpec(_Spec):
 RGB = Annotated[list[Annotated[_Int, Field(ge=0, le=255)]], Field(min_length=3, max_length=3)]
 
 class IndexEncoding(_Spec):
-    "Each mask pixel holds its class index 0..n_classes-1."
+    "Each mask pixel holds its class index 0..n_classes-1 (or the dataset's `ignore_index`, e.g. 255, for unlabelled pixels)."
     kind: Literal["index"] = "index"
 
 class BinaryEncoding(_Spec):
     "Two classes: background and foreground (0/1, 0/255 or any value)."
     kind: Literal["binary"] = "binary"
     foreground: Literal["nonzero"] | _Int = Field("nonzero", description="'nonzero' or the pixel value of the foreground")
+    ignore_value: _Int | None = Field(None, ge=0, description="raw pixel value that means 'unlabelled' (it becomes the "
+                                                              "dataset's ignore_index); null = none")
 
 class PaletteEncoding(_Spec):
     "RGB(A) colours mark classes; every other colour is `default_class` (or an error when it is null)."
@@ -205,8 +207,49 @@ class PaletteEncoding(_Spec):
     colors: dict[str, RGB] = Field(description="class name -> [r, g, b]")
     default_class: str | None = Field(None, description="class of every colour not listed; null = unknown colours are errors")
     tolerance: _Int = Field(0, ge=0, le=255, description="max per-channel difference to still match a colour")
+    ignore_color: RGB | None = Field(None, description="[r, g, b] that means 'unlabelled' (it becomes the dataset's "
+                                                       "ignore_index); null = none")
 
-MaskEncoding = Annotated[Union[IndexEncoding, BinaryEncoding, PaletteEncoding], Field(discriminator="kind")]
+_Fractions = dict[str, _Float]
+
+class CocoEncoding(_Spec):
+    "COCO instance annotations (JSON, polygons or RLE) rasterised into class masks; instance identities are kept."
+    kind: Literal["coco"] = "coco"
+    annotations: str | dict[str, str | _Fractions] = Field(
+        description="annotation file(s), relative to the dataset root: one file (its images are split by "
+                    "layout.split_fractions, by layout.group when set), or {file: split name} / {file: {split: fraction}} "
+                    "(that file's images all go to one split, or are divided among splits, by group when set)")
+    images: str = Field(".", description="folder the images' file_name is relative to (relative to the dataset root); "
+                                         "leading folders of a file_name that do not exist are dropped, so "
+                                         "'./data/train/a.png' finds 'train/a.png', then 'a.png'")
+    categories: dict[str, str | None] | None = Field(
+        None, description="COCO category name -> class name, or null for the ignore label; null = each category maps to "
+                          "the class of the same name (case, spaces, '-' and '_' not distinguished)")
+    crowd: Literal["ignore", "category"] = Field(
+        "ignore", description="regions with iscrowd=1: 'ignore' = the ignore label where no other instance covers them; "
+                              "'category' = painted as their category like any instance")
+    unannotated: Literal["background", "ignore"] = Field(
+        "background", description="pixels covered by no annotation: the background class (classes[0], COCO's meaning) or "
+                                  "the ignore label (sparse annotation)")
+    overlap: Literal["smallest", "last", "ignore"] = Field(
+        "smallest", description="a pixel covered by several instances: 'smallest' = the instance of smallest area wins "
+                                "(small objects stay visible); 'last' = the later annotation in the file wins; 'ignore' "
+                                "= the ignore label (and no instance)")
+
+    @field_validator("annotations")
+    @classmethod
+    def _annotations(cls, v):
+        if isinstance(v, str) and not v: raise ValueError("annotations is empty; give the COCO JSON file, e.g. 'annotations.json'")
+        if isinstance(v, dict):
+            if not v: raise ValueError("annotations is an empty object; give {\"file.json\": \"train\", ...} or one file name")
+            for f, rule in v.items():
+                if isinstance(rule, dict) and (not rule or any(x <= 0 for x in rule.values())
+                                               or abs(sum(rule.values()) - 1) > 1e-6):
+                    raise ValueError(f"split fractions of {f!r} must be positive and sum to 1 (got {rule})")
+                if isinstance(rule, str) and not rule: raise ValueError(f"split name of {f!r} is empty")
+        return v
+
+MaskEncoding = Annotated[Union[IndexEncoding, BinaryEncoding, PaletteEncoding, CocoEncoding], Field(discriminator="kind")]
 
 class NormSpec(_Spec):
     "Intensity normalisation of images."
@@ -241,6 +284,11 @@ class DatasetSpec(_Spec):
     classes: list[str] = Field(min_length=2, description="class names; index i is class i")
     channels: list[str] = Field(["intensity"], min_length=1, description="input channel names")
     normalization: NormSpec = Field(default_factory=NormSpec)
+    ignore_index: _Int | None = Field(
+        None, ge=0, le=255, description="label of unlabelled pixels in decoded masks, skipped by metrics and losses (e.g. "
+                                        "255): index masks may hold it; binary ignore_value, palette ignore_color and COCO "
+                                        "crowd / unannotated / contested pixels become it; not a class index; null = every "
+                                        "pixel is labelled")
 
     @classmethod
     def _checks(cls, d):
@@ -259,6 +307,35 @@ class DatasetSpec(_Spec):
                 out.append((("mask_encoding",), _SECTION, f"palette names classes {unknown} that are not in classes {classes}"))
         if classes is not None and kind == "binary" and len(classes) != 2:
             out.append((("classes",), classes, f"a binary mask encoding needs exactly 2 classes, got {len(classes)}: {classes}"))
+        ig = _v(d, "ignore_index", cls)
+        if classes is not None and _is_int(ig) and 0 <= ig < len(classes):
+            out.append((("ignore_index",), ig, f"ignore_index {ig} is the index of class {classes[ig]!r} (classes are "
+                                               f"0..{len(classes) - 1}); use a value outside, e.g. 255"))
+        needs = {"binary": [("ignore_value", "binary ignore_value")], "palette": [("ignore_color", "palette ignore_color")]}
+        if kind == "coco":
+            cats = _get(enc, "categories")
+            if isinstance(cats, dict) and None in cats.values(): needs["coco"] = [("categories", "a category mapped to null")]
+            for key, bad in (("unannotated", "ignore"), ("overlap", "ignore")):
+                if _get(enc, key) == bad: needs.setdefault("coco", []).append((key, f"coco {key} 'ignore'"))
+            if isinstance(cats, dict) and classes is not None:
+                unknown = [f"{k!r} -> {c!r}" for k, c in cats.items() if c is not None and c not in classes]
+                if unknown:
+                    out.append((("mask_encoding", "categories"), _SECTION,
+                                f"categories map to names that are not classes: {', '.join(unknown)}; classes are {classes}"))
+            lay = _v(d, "layout", cls)
+            lk = _get(lay, "kind", "split_folders")
+            if lk != "flat":
+                out.append((("layout", "kind"), lk, "a 'coco' mask encoding lists the images and their splits in its "
+                                                    "annotation files: set layout.kind to 'flat' (layout.split_fractions, "
+                                                    "split_seed and group still apply)"))
+            if _get(lay, "channel_suffixes") is not None:
+                out.append((("layout", "channel_suffixes"), _get(lay, "channel_suffixes"),
+                            "a 'coco' mask encoding reads one image file per COCO image: remove channel_suffixes"))
+        for key, what in needs.get(kind, []):
+            if _get(enc, key) is not None and ig is None:
+                out.append((("ignore_index",), None, f"{what} makes unlabelled pixels, so the dataset needs an "
+                                                     "ignore_index (the label metrics and losses skip): add "
+                                                     '"ignore_index": 255'))
         cs, channels = _v(_v(d, "layout", cls), "channel_suffixes", LayoutSpec), _v(d, "channels", cls)
         if isinstance(cs, dict) and isinstance(channels, list) and list(cs) != list(channels):
             out.append((("layout", "channel_suffixes"), cs,
@@ -443,7 +520,7 @@ class ProfileError(MatsegError):
             lines.append(f"  {e['path'] or '(top level)'}{val}: {e['message']}")
         super().__init__("\n".join(lines))
 
-_TAGS = {"index", "binary", "palette"}
+_TAGS = {"index", "binary", "palette", "coco"}
 
 def _json_path(loc: tuple) -> str:
     out = ""
@@ -605,6 +682,14 @@ def check_paths(profile: Profile) -> list[dict]:
             f = getattr(d.layout, key)
             if d.layout.kind == "volume" and f and not (root / f).is_file():
                 errs.append(dict(path=f"datasets[{i}].layout.{key}", value=f, message=f"file {root / f} does not exist"))
+        enc = d.mask_encoding
+        if enc.kind == "coco":
+            files = [enc.annotations] if isinstance(enc.annotations, str) else list(enc.annotations)
+            for f in files:
+                if not (root / f).is_file():
+                    errs.append(dict(path=f"datasets[{i}].mask_encoding.annotations", value=f,
+                                     message=f"COCO annotation file {root / f} does not exist (paths are relative to the "
+                                             "dataset root)"))
     w = profile.model.weights
     if w not in WEIGHTS_KEYWORDS and not (profile.base_dir / w).exists():
         errs.append(dict(path="model.weights", value=w,

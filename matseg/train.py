@@ -133,33 +133,40 @@ def inverse_frequency_weights(masks: torch.Tensor,  # training masks (N, H, W), 
     return (w / w.mean()).float()
 
 class CEDiceLoss(nn.Module):
-    "Cross-entropy + multiclass soft Dice (segmentation_models_pytorch), the paper's loss."
+    "Cross-entropy + multiclass soft Dice (segmentation_models_pytorch), the paper's loss; `ignore_index` pixels count in neither."
     def __init__(self, weight: torch.Tensor | None = None,  # per-class CE weights
                  ce: bool = True,  # include the cross-entropy term
                  dice: bool = True,  # include the Dice term
+                 *,
+                 ignore_index: int | None = None,  # target label to skip (the dataset's, e.g. 255)
                 ):
         super().__init__()
-        self.ce = nn.CrossEntropyLoss(weight=weight) if ce else None
-        self.dice = DiceLoss("multiclass", from_logits=True) if dice else None
+        self.ignore_index = ignore_index
+        self.ce = nn.CrossEntropyLoss(weight=weight, ignore_index=-100 if ignore_index is None else ignore_index) if ce else None
+        self.dice = DiceLoss("multiclass", from_logits=True, ignore_index=ignore_index) if dice else None
 
     def forward(self, logits, target):
         logits = logits.float()
+        if self.ignore_index is not None and not bool((target != self.ignore_index).any()):
+            return (logits * 0).sum()  # a batch with no labelled pixel: zero loss, zero gradient (CE would be NaN)
         loss = self.ce(logits, target) if self.ce is not None else 0.0
         return loss + self.dice(logits, target) if self.dice is not None else loss
 
-LOSSES: dict[str, Callable] = {
-    "ce+dice": lambda w: CEDiceLoss(w),
-    "ce": lambda w: CEDiceLoss(w, dice=False),
-    "dice": lambda w: CEDiceLoss(None, ce=False),
+LOSSES: dict[str, Callable] = {  # (class weights, ignore_index) -> loss module
+    "ce+dice": lambda w, ig=None: CEDiceLoss(w, ignore_index=ig),
+    "ce": lambda w, ig=None: CEDiceLoss(w, dice=False, ignore_index=ig),
+    "dice": lambda w, ig=None: CEDiceLoss(None, ce=False, ignore_index=ig),
 }
 
 def make_loss(name: str,  # a key of LOSSES
               weight: torch.Tensor | None = None,  # class weights for the CE term
+              *,
+              ignore_index: int | None = None,  # target label that the loss skips (the dataset's ignore_index)
              ) -> nn.Module:
     "Build a loss from the `LOSSES` registry."
     if name not in LOSSES:
         raise MatsegError(f"training.loss = {name!r} is not a known loss; use one of {', '.join(LOSSES)}")
-    return LOSSES[name](weight)
+    return LOSSES[name](weight, ignore_index)
 
 # %% ../nbs/05_train.ipynb #d1a0086a
 OPTIMIZERS: dict[str, Callable] = {
@@ -243,23 +250,29 @@ def evaluate(model: nn.Module,  # segmentation model
              boundary: bool = True,  # also compute boundary F1 (slower)
              tolerance: float = 2,  # boundary F1 tolerance in pixels
              rule: str = "pixels",  # boundary F1 tolerance rule: 'pixels' or 'diagonal' (Csurka: 0.75 % of the diagonal)
+             *,
+             ignore_index: int | None = None,  # target label skipped by every metric and the loss (the dataset's, e.g. 255)
             ) -> tuple[dict, np.ndarray]:
     "Metrics of a model on full images (tiled inference) and the predicted masks (N, H, W) uint8."
     was_training = model.training; model.eval()
-    cm, preds, nll = ConfusionMatrix(n_classes), [], 0.0
+    cm, preds, nll, n_nll = ConfusionMatrix(n_classes, ignore_index), [], 0.0, 0
     for img, msk in zip(images, masks):
         prob = predict_tiled(model, img, n_classes, size, overlap, amp=amp)
         target = msk.to(prob.device).long()
-        nll += F.nll_loss(prob.clamp_min(1e-8).log()[None], target[None]).item()
+        if ignore_index is None or bool((target != ignore_index).any()):  # an image with no labelled pixel has no loss
+            nll += F.nll_loss(prob.clamp_min(1e-8).log()[None], target[None],
+                              ignore_index=-100 if ignore_index is None else ignore_index).item()
+            n_nll += 1
         pred = prob.argmax(0)
         cm.update(pred[None].cpu(), target[None].cpu())
         preds.append(pred.to(torch.uint8).cpu().numpy())
     model.train(was_training)
     preds = np.stack(preds) if preds else np.zeros((0,) + tuple(masks.shape[1:]), np.uint8)
     res = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in scores(cm).items()}
-    res["loss"] = nll / max(1, len(images))
+    res["loss"] = nll / n_nll if n_nll else (math.nan if len(images) else 0.0)
     if boundary and len(preds):
-        bf = boundary_f1(preds, masks.cpu().numpy(), n_classes, tolerance, **({} if rule == "pixels" else {"rule": rule}))
+        bf = boundary_f1(preds, masks.cpu().numpy(), n_classes, tolerance, ignore_index,
+                         **({} if rule == "pixels" else {"rule": rule}))
         fg = bf[1:] if n_classes > 1 else bf
         res["boundary_f1_per_class"] = bf.tolist()
         res["boundary_f1"] = float(np.nanmean(fg)) if np.isfinite(fg).any() else math.nan
@@ -280,7 +293,7 @@ def prepare_data(ds,  # dataset from `matseg.data.load_dataset`
     "Decode a dataset once into per-split tensors and describe it."
     classes = list(classes) if classes is not None else json.loads(ds.attrs["classes"])
     splits = {s: split_tensors(ds, s, device) for s in ("train", "val", "test")}
-    counts = torch.bincount(splits["train"][1].reshape(-1).long().cpu(), minlength=len(classes)).double()
+    counts = torch.bincount(splits["train"][1].reshape(-1).long().cpu(), minlength=len(classes))[:len(classes)].double()
     frac = (counts / counts.sum().clamp(min=1)).tolist()
     k = int(np.argmin(frac))
     ctx = {"n_images": {s: len(v[2]) for s, v in splits.items()}, "image_shape": list(splits["train"][0].shape[2:]),

@@ -516,3 +516,186 @@ def test_real_nasa_sets(nasa):
     assert all(0.0015 < c < 0.005 for c in crack), crack  # ~0.3 % cracks
     assert 0.01 < s1["class_fraction"]["train"][2] < 0.05 and 0.4 < s1["class_fraction"]["train"][1] < 0.6
     assert elapsed < 10, f"reading the 18 Super1 images took {elapsed:.1f} s"
+
+
+# ---------------------------------------------------------------- COCO instance annotations and the ignore label
+from conftest import SHARED_DATA  # noqa: E402
+from matseg.data import coco_images, coco_mask, dataset_ignore_index, read_coco  # noqa: E402
+from matseg.profile import CocoEncoding  # noqa: E402
+
+MELTPOOL = SHARED_DATA / "meltpool"
+SQUARE = [0, 0, 4, 0, 4, 4, 0, 4]  # pycocotools fills pixels 0..3 x 0..3: 16 pixels
+
+
+def write_coco(root, images, annotations, categories=({"id": 1, "name": "melt pool"},), name="ann.json", size=(8, 10),
+               on_disk=None):
+    "A COCO file under root (images: file names; annotations: (image index, polygons or RLE, extra keys)) + the PNGs."
+    h, w = size
+    (root / "imgs").mkdir(parents=True, exist_ok=True)
+    ims = [{"id": 10 + i, "file_name": f"./data/x/{f}", "height": h, "width": w} for i, f in enumerate(images)]
+    for f in (images if on_disk is None else on_disk):
+        Image.fromarray(grey(h, w)).save(root / "imgs" / f)
+    anns = [{"id": 100 + k, "image_id": 10 + i, "category_id": 1, "iscrowd": 0, "segmentation": seg, **extra}
+            for k, (i, seg, extra) in enumerate(annotations)]
+    (root / name).write_text(json.dumps({"images": ims, "annotations": anns, "categories": list(categories)}))
+    return root / name
+
+
+def coco_spec(root, annotations="ann.json", classes=("background", "melt_pool"), ignore_index=None, layout=None, **enc):
+    return DatasetSpec(name="mp", modality="Optical", material="steel", root=str(root), classes=list(classes),
+                       layout=LayoutSpec(kind="flat", **(layout or {})), ignore_index=ignore_index,
+                       mask_encoding=CocoEncoding(annotations=annotations, images="imgs", **enc))
+
+
+def test_coco_polygons_rle_overlap_and_instances(tmp_path):
+    rle = {"size": [8, 10], "counts": [0, 2, 6, 2, 70]}  # column-major runs: (0,0),(1,0) and (0,1),(1,1) -> 4 pixels
+    big = [0, 0, 6, 0, 6, 6, 0, 6]  # 36 pixels, covers the square
+    write_coco(tmp_path, ["a.png"], [(0, [big], {}), (0, [SQUARE], {}), (0, rle, {})])
+    s = coco_spec(tmp_path, categories={"melt pool": "melt_pool"})
+    (im,) = coco_images(s, tmp_path / "ann.json", tmp_path)
+    mask, inst, ids = coco_mask(im, s.mask_encoding)
+    assert ids == [100, 101, 102] and mask.dtype == np.uint8 and inst.dtype == np.uint16
+    assert mask.sum() == 36 and mask[:6, :6].all()  # everything melt pool, nothing else
+    # smallest on top: the RLE (4 px) over the square (16 px) over the big one (36 px)
+    assert (inst[:2, :2] == 3).all() and (inst[:4, :4] == 2).sum() == 12 and (inst == 1).sum() == 20
+    _, inst_last, _ = coco_mask(im, CocoEncoding(annotations="ann.json", overlap="last"))
+    assert (inst_last[:2, :2] == 3).all() and (inst_last == 2).sum() == 12  # file order: the same here, RLE last
+    m_ign, inst_ign, _ = coco_mask(im, CocoEncoding(annotations="ann.json", overlap="ignore"), ignore_index=255)
+    assert (m_ign == 255).sum() == 16 and (m_ign == 1).sum() == 20 and (inst_ign[:4, :4] == 0).all()
+
+
+def test_coco_crowd_and_unannotated_are_the_ignore_label(tmp_path):
+    write_coco(tmp_path, ["a.png"], [(0, [SQUARE], {"iscrowd": 1}), (0, [[0, 0, 2, 0, 2, 2, 0, 2]], {})])
+    s = coco_spec(tmp_path, ignore_index=255)
+    (im,) = coco_images(s, tmp_path / "ann.json", tmp_path)
+    mask, inst, ids = coco_mask(im, s.mask_encoding, 255)
+    assert ids == [101] and (mask == 1).sum() == 4 and (mask == 255).sum() == 12 and (mask == 0).sum() == 80 - 16
+    with pytest.raises(MatsegError, match=r"no ignore_index.*\"ignore_index\": 255"):
+        coco_mask(im, s.mask_encoding, None)
+    m2, _, _ = coco_mask(im, CocoEncoding(annotations="a", unannotated="ignore"), 255)
+    assert (m2 == 255).sum() == 80 - 4  # only the one object is labelled
+    m3, _, ids3 = coco_mask(im, CocoEncoding(annotations="a", crowd="category"), 255)
+    assert (m3 == 1).sum() == 16 and ids3 == [100, 101]
+
+
+def test_coco_splits_by_file_and_by_group(tmp_path):
+    names = [f"S{g}_{x}.png" for g in range(4) for x in (0, 256)]
+    write_coco(tmp_path, names, [(i, [SQUARE], {}) for i in range(len(names))])
+    write_coco(tmp_path, ["T_0.png"], [], name="test.json")
+    s = coco_spec(tmp_path, {"ann.json": {"train": 0.5, "val": 0.5}, "test.json": "test"}, layout={"group": r"^(S\d+|T)_"})
+    samples = pair_files(s)
+    assert [x.split for x in samples].count("test") == 1 and len(samples) == 9
+    by_group = {}
+    for x in samples: by_group.setdefault(x.name.split("_")[0], set()).add(x.split)
+    assert all(len(v) == 1 for v in by_group.values()) and sorted(len([g for g, v in by_group.items() if v == {k}])
+                                                                  for k in ("train", "val")) == [2, 2]
+    ds = load_dataset(s)
+    assert ds["instances"].shape == (9, 8, 10) and dataset_ignore_index(ds) is None
+    ids = json.loads(ds.attrs["instance_ids"])
+    assert ids[samples[0].name] == [100 + names.index(samples[0].name + ".png")] and ids["T_0"] == []
+    assert ds.mask.values.sum() == 8 * 16  # one 16-pixel square per train/val tile, none on the test tile
+    # one file for all, split by layout.split_fractions over groups
+    s1 = coco_spec(tmp_path, "ann.json", layout={"group": r"^(S\d+)_", "split_fractions": {"train": 0.5, "val": 0.5}})
+    assert [x.split for x in pair_files(s1)].count("train") == 4
+    # a group given two splits by two files is an error naming it
+    write_coco(tmp_path, ["S0_512.png"], [], name="leak.json")
+    leak = coco_spec(tmp_path, {"ann.json": "train", "leak.json": "test"}, layout={"group": r"^(S\d+)_"})
+    with pytest.raises(MatsegError, match=r"S0 in \['test', 'train'\]"):
+        pair_files(leak)
+
+
+@pytest.mark.parametrize("case, match", [
+    ("missing_image_id", r"annotation id 101 \(annotations\[1\]\) -> image_id 99.*lists image ids 10"),
+    ("absent_on_disk", r"1 image\(s\) listed in 'images' are not on disk under .*imgs.*\./data/x/b\.png"),
+    ("unknown_category", r"COCO category 'pore' is not among the profile's classes \['background', 'melt_pool'\]"),
+    ("two_points", r"annotation id 100 on image '\./data/x/a\.png': polygon 0 has 2 points.*at least 3"),
+    ("outside", r"polygon 0 reaches outside the 10x8 \(WxH\) image \(x 0\.\.11"),
+    ("rle_size", r"RLE size \[4, 4\] is not the image's \[8, 10\]"),
+    ("invalid_json", r"ann\.json:3:5: not valid JSON"),
+])
+def test_coco_bad_input(tmp_path, case, match):
+    anns, images, on_disk, cats = [(0, [SQUARE], {})], ["a.png"], None, ({"id": 1, "name": "melt pool"},)
+    if case == "missing_image_id": anns = [(0, [SQUARE], {}), (89, [SQUARE], {})]
+    if case == "absent_on_disk": images, on_disk = ["a.png", "b.png"], ["a.png"]
+    if case == "unknown_category": cats = ({"id": 1, "name": "pore"},)
+    if case == "two_points": anns = [(0, [[0, 0, 4, 4]], {})]
+    if case == "outside": anns = [(0, [[0, 0, 11, 0, 11, 4]], {})]
+    if case == "rle_size": anns = [(0, {"size": [4, 4], "counts": [0, 16]}, {})]
+    path = write_coco(tmp_path, images, anns, cats, on_disk=on_disk)
+    if case == "invalid_json": path.write_text('{\n  "images": [],\n    ,\n}')
+    with pytest.raises(MatsegError, match=match):
+        pair_files(coco_spec(tmp_path))
+
+
+def test_coco_category_mapping_by_name_and_to_ignore(tmp_path):
+    cats = ({"id": 1, "name": "Melt-Pool"}, {"id": 2, "name": "scratch"}, {"id": 3, "name": "unused"})
+    write_coco(tmp_path, ["a.png"], [(0, [SQUARE], {}), (0, [[6, 0, 8, 0, 8, 2, 6, 2]], {"category_id": 2})], cats)
+    s = coco_spec(tmp_path, categories={"Melt-Pool": "melt_pool", "scratch": None}, ignore_index=255)
+    _, m = read_sample(pair_files(s)[0], s)
+    assert (m == 1).sum() == 16 and (m == 255).sum() == 4  # 'unused' is listed but never used: no error
+    with pytest.raises(MatsegError, match=r"COCO category 'scratch' is not among"):
+        pair_files(coco_spec(tmp_path))  # by name: 'Melt-Pool' finds melt_pool, 'scratch' finds nothing
+
+
+def test_ignore_label_for_raster_encodings():
+    idx = np.array([[0, 1, 255], [1, 0, 255]], np.uint8)
+    assert (decode_mask(idx, IndexEncoding(), ["a", "b"], ignore_index=255) == idx).all()
+    with pytest.raises(MatsegError, match=r"255: 2 px.*set the dataset's ignore_index"):
+        decode_mask(idx, IndexEncoding(), ["a", "b"])
+    b = decode_mask(np.array([[0, 200, 7]], np.uint8), BinaryEncoding(ignore_value=7), ["bg", "fg"], ignore_index=255)
+    assert b.tolist() == [[0, 1, 255]]
+    rgb = np.array([[[0, 0, 255], [9, 9, 9], [255, 255, 0]]], np.uint8)
+    p = decode_mask(rgb, PaletteEncoding(colors={"fg": [0, 0, 255]}, default_class="bg", ignore_color=[255, 255, 0]),
+                    ["bg", "fg"], ignore_index=255)
+    assert p.tolist() == [[1, 0, 255]]
+    with pytest.raises(MatsegError, match="ignore_color"):
+        decode_mask(rgb, PaletteEncoding(colors={"fg": [0, 0, 255]}, default_class="bg", ignore_color=[255, 255, 0]),
+                    ["bg", "fg"])
+
+
+def test_summary_excludes_ignored_pixels(tmp_path):
+    write_coco(tmp_path, ["a.png"], [(0, [SQUARE], {"iscrowd": 1}), (0, [[0, 0, 2, 0, 2, 2, 0, 2]], {})])
+    s = coco_spec(tmp_path, {"ann.json": "train"}, ignore_index=255)
+    d = summarize(type("P", (), {"datasets": [s], "base_dir": None})())["datasets"][0]
+    assert d["class_fraction"]["train"] == [round(64 / 68, 6), round(4 / 68, 6)]  # 80 px, 12 ignored
+    assert d["ignored_fraction"]["train"] == 0.15 and d["instances"] == {"train": 1}
+
+
+@pytest.mark.skipif(not (MELTPOOL / "annotations").is_dir(), reason=f"melt-pool set not found at {MELTPOOL}")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pycocotools' decode under numpy 2
+def test_meltpool_real_set_splits_by_slice():
+    prof = load_profile(REPO / "profiles/meltpool.json")
+    spec_ = prof.datasets[0]
+    samples = pair_files(spec_, prof.base_dir)
+    slice_of = {s.name: s.name.split("_")[0] for s in samples}
+    splits = {}
+    for s in samples: splits.setdefault(slice_of[s.name], set()).add(s.split)
+    assert all(len(v) == 1 for v in splits.values()) and len(splits) == 7
+    assert splits["Slice-10Bottom"] == {"test"} and {s.split for s in samples} == {"train", "val", "test"}
+    assert {s.split: sum(x.split == s.split for x in samples) for s in samples} == {"train": 165, "val": 34, "test": 32}
+    # a few tiles: masks agree with pycocotools on the raw polygons, instances keep the annotation ids
+    from pycocotools import mask as mu
+    raw = read_coco(MELTPOOL / "annotations" / "validation.json")
+    im = raw["images"][0]
+    anns = [a for a in raw["annotations"] if a["image_id"] == im["id"]]
+    ref = np.zeros((im["height"], im["width"]), bool)
+    for a in anns: ref |= mu.decode(mu.merge(mu.frPyObjects(a["segmentation"], im["height"], im["width"]))).astype(bool)
+    smp = next(s for s in samples if s.coco is not None and s.coco.id == im["id"] and s.split == "test")
+    img, m = read_sample(smp, spec_)
+    assert img.shape == (1, 512, 512) and np.array_equal(m == 1, ref)
+    _, inst, ids = coco_mask(smp.coco, spec_.mask_encoding, 255)
+    assert ids == [a["id"] for a in anns] and set(np.unique(inst)) <= set(range(len(ids) + 1))
+
+
+@pytest.mark.skipif(not (MELTPOOL / "annotations").is_dir(), reason=f"melt-pool set not found at {MELTPOOL}")
+def test_cli_data_meltpool_reports_slices_and_fraction():
+    r = run_matseg("data", REPO / "profiles/meltpool.json", "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)["datasets"][0]
+    assert d["classes"] == ["background", "melt_pool"] and d["modality"] == "Optical"
+    groups = d["groups"]
+    assert set(groups["test"]) == {"Slice-10Bottom"} and len(set(groups["train"]) | set(groups["val"])) == 6
+    assert not set(groups["train"]) & set(groups["val"])
+    total = sum(d["splits"].values())
+    frac = sum(d["class_fraction"][k][1] * d["splits"][k] for k in d["splits"]) / total
+    assert 0.065 < frac < 0.075 and d["instances"] == {"train": 887, "val": 188, "test": 187}

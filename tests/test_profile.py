@@ -13,7 +13,8 @@ from matseg.profile import (ProfileError, apply_overrides, compile_profile, load
 MINI = {"name": "demo", "task": {"objective": "Segment pores"},
         "datasets": [{"name": "pores", "modality": "XCT", "material": "AlSi10Mg", "root": ".",
                       "classes": ["solid", "pore"], "mask_encoding": {"kind": "binary"}}]}
-SHIPPED = [REPO / "profiles/super1.json", REPO / "profiles/ebc2.json", asset_path("profiles", "sample.json")]
+SHIPPED = [REPO / "profiles/super1.json", REPO / "profiles/ebc2.json", REPO / "profiles/meltpool.json",
+           asset_path("profiles", "sample.json")]
 
 
 def errors_of(data):
@@ -293,3 +294,43 @@ def test_cli_help_and_unknown_command():
     assert r.returncode == 0 and "validate" in r.stdout and "bench" in r.stdout
     r = run_matseg("frobnicate")
     assert r.returncode == 2 and "valid commands" in r.stderr
+
+
+# ---------------------------------------------------------------- COCO encoding and ignore_index
+def coco_profile(**ds):
+    d = copy.deepcopy(MINI)
+    d["datasets"][0].update({"layout": {"kind": "flat"}, "mask_encoding": {"kind": "coco", "annotations": "a.json"}, **ds})
+    return d
+
+
+def test_coco_encoding_parses_with_defaults():
+    enc = parse_profile(coco_profile()).datasets[0].mask_encoding
+    assert (enc.kind, enc.images, enc.categories, enc.crowd, enc.unannotated, enc.overlap) == \
+        ("coco", ".", None, "ignore", "background", "smallest")
+    p = parse_profile(coco_profile(ignore_index=255, mask_encoding={
+        "kind": "coco", "annotations": {"tr.json": {"train": 0.75, "val": 0.25}, "te.json": "test"}}))
+    assert p.datasets[0].ignore_index == 255 and p.datasets[0].mask_encoding.annotations["te.json"] == "test"
+
+
+def test_coco_and_ignore_errors_name_path_and_fix():
+    errs, text = errors_of(coco_profile(layout={"kind": "split_folders"}, ignore_index=1, mask_encoding={
+        "kind": "coco", "annotations": {"a.json": {"train": 0.5, "val": 0.6}}, "overlap": "ignore",
+        "categories": {"melt pool": "melt"}}))
+    assert "set layout.kind to 'flat'" in errs["datasets[0].layout.kind"]["message"]
+    assert "ignore_index 1 is the index of class 'pore'" in errs["datasets[0].ignore_index"]["message"]
+    assert "must be positive and sum to 1" in errs["datasets[0].mask_encoding.annotations"]["message"]
+    assert "'melt pool' -> 'melt'; classes are ['solid', 'pore']" in errs["datasets[0].mask_encoding.categories"]["message"]
+    errs, _ = errors_of(coco_profile(mask_encoding={"kind": "coco", "annotations": "a.json", "unannotated": "ignore"}))
+    assert '"ignore_index": 255' in errs["datasets[0].ignore_index"]["message"]
+    d = copy.deepcopy(MINI); d["datasets"][0]["mask_encoding"] = {"kind": "binary", "ignore_value": 7}
+    errs, _ = errors_of(d)
+    assert "binary ignore_value makes unlabelled pixels" in errs["datasets[0].ignore_index"]["message"]
+    d["datasets"][0]["ignore_index"] = 255
+    assert parse_profile(d).datasets[0].mask_encoding.ignore_value == 7
+
+
+def test_check_paths_names_missing_coco_file(tmp_path):
+    from matseg.profile import check_paths
+    p = parse_profile(coco_profile(), base_dir=tmp_path)
+    (e,) = check_paths(p)
+    assert e["path"] == "datasets[0].mask_encoding.annotations" and "a.json does not exist" in e["message"]

@@ -168,3 +168,52 @@ def test_class_weights_inverse_frequency():
     w = T.inverse_frequency_weights(m, 3)
     assert torch.allclose(w * torch.tensor([90., 9., 1.]), torch.full((3,), (w[2] * 1).item()), rtol=1e-5)
     assert abs(w.mean().item() - 1) < 1e-6
+
+
+def test_loss_skips_ignore_index():
+    "Ignored pixels change neither loss term: the loss equals the loss over the labelled pixels alone."
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 4, 6, requires_grad=True)
+    t = torch.randint(0, 3, (2, 4, 6))
+    t_ign = t.clone(); t_ign[:, :, 3:] = 255
+    ce = T.make_loss("ce", ignore_index=255)(logits, t_ign)
+    ref = torch.nn.functional.cross_entropy(logits[:, :, :, :3], t[:, :, :3])  # labelled columns only
+    assert torch.isclose(ce, ref, atol=1e-6)
+    # Dice over ignored pixels: the same as Dice with those pixels removed (smp's DiceLoss masks them)
+    d_ign = T.make_loss("dice", ignore_index=255)(logits, t_ign)
+    d_ref = T.make_loss("dice")(logits[:, :, :, :3].contiguous(), t[:, :, :3].contiguous())
+    assert torch.isclose(d_ign, d_ref, atol=1e-5)
+    both = T.make_loss("ce+dice", ignore_index=255)(logits, t_ign)
+    assert torch.isclose(both, ref + d_ref, atol=1e-5)
+    zero = T.make_loss("ce+dice", ignore_index=255)(logits, torch.full_like(t, 255))
+    zero.backward()
+    assert zero.item() == 0 and logits.grad.abs().sum() == 0  # nothing labelled: no NaN, no gradient
+    with pytest.raises(IndexError):  # without ignore_index a 255 label is not silently accepted
+        T.make_loss("ce")(logits, t_ign)
+
+
+def test_evaluate_skips_ignore_index():
+    "Metrics with ignored pixels equal the metrics over the labelled pixels (torchmetrics with ignore_index)."
+    from torchmetrics.functional.classification import multiclass_jaccard_index
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3, padding=1)).eval()
+    x = torch.rand(2, 1, 40, 40); y = torch.randint(0, 3, (2, 40, 40), dtype=torch.uint8)
+    y[:, :10] = 255
+    res, pred = T.evaluate(model, x, y, 3, size=32, overlap=8, boundary=True, ignore_index=255)
+    iou = multiclass_jaccard_index(torch.from_numpy(pred).long(), y.long(), 3, average=None, ignore_index=255)
+    assert np.allclose(res["iou"], iou.numpy(), atol=1e-6) and res["n_pixels"] == 2 * 30 * 40
+    assert np.isfinite(res["loss"]) and np.isfinite(res["boundary_f1"])
+    y_all = torch.full_like(y, 255)
+    res0, _ = T.evaluate(model, x, y_all, 3, size=32, overlap=8, boundary=False, ignore_index=255)
+    assert res0["n_pixels"] == 0 and np.isnan(res0["loss"])
+
+
+def test_prepare_data_fractions_exclude_ignored():
+    import xarray as xr
+    m = np.zeros((3, 4, 5), np.uint8); m[:, :, 0] = 1; m[:, :, 4] = 255  # 15 px per image: 12 labelled, 3 class 1
+    ds = xr.Dataset({"image": (("sample", "channel", "y", "x"), np.zeros((3, 1, 4, 5), np.float32)),
+                     "mask": (("sample", "y", "x"), m)},
+                    coords={"sample": ["a", "b", "c"], "split": ("sample", ["train", "val", "test"])},
+                    attrs={"classes": json.dumps(["bg", "fg"])})
+    jd = T.prepare_data(ds)
+    assert jd.context["class_fraction"] == {"bg": 0.75, "fg": 0.25} and jd.context["minority_class"] == "fg"
