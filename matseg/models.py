@@ -517,7 +517,7 @@ def encoder_features(model,  # smp model (or its encoder)
                 if skip_input and feats[0].shape[-2:] == x.shape[-2:] and feats[0].shape[1] == x.shape[1]:
                     feats = feats[1:]
                 pooled = [f.flatten(2).mean(2) for f in feats if f.numel()]
-                if std: pooled += [f.flatten(2).std(2) for f in feats if f.numel()]
+                if std: pooled += [f.flatten(2).std(2, correction=0) for f in feats if f.numel()]  # 0 (not NaN) on 1x1 maps
                 out.append(torch.cat(pooled, 1).float().cpu().numpy())
     finally:
         enc.train(was)

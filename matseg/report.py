@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime
 import io
 import json
@@ -26,10 +27,10 @@ from . import ood
 from .core import (MatsegError, asset_path, atomic_write_bytes, atomic_write_json, atomic_write_text, check_out_dir,
                          cli_parser)
 from .data import overlay
-from .explain import counterfactual_heatmap, overlay_png, perturbation_validation, region_mask, upsample
+from .explain import _probs, counterfactual_heatmap, overlay_png, perturbation_validation, region_mask, upsample
 from .metrics import AGGREGATION, ConfusionMatrix, scores
 from .profile import apply_overrides, load_profile
-from .runs import CHECKPOINT, RESULT, Run, TrainedJob, find_checkpoint, find_profile
+from .runs import CHECKPOINT, PROFILES, RESULT, Run, RunLock, TrainedJob, find_checkpoint, find_profile
 
 # %% auto #0
 __all__ = ['REPORT_FORMAT', 'png_bytes', 'data_uri', 'display_image', 'image_scores', 'default_region', 'heatmap_window',
@@ -171,7 +172,7 @@ def explain_image(model,  # the job's model
     x = torch.as_tensor(image)[:, y0:y0 + h, x0:x0 + w].float().contiguous()
     p = int(patch or max(8, min(h, w) // 8)); s = int(stride or p)
     dev = next(model.parameters()).device
-    with torch.inference_mode(): Z = model.eval()(x[None].to(dev)).float().softmax(1)[0].cpu()
+    with torch.inference_mode(): Z = _probs(model.eval(), x[None].to(dev))[0].float().cpu()  # the heatmap's own Z
     region, where = k, why
     if k is None or not bool((Z.argmax(0) == k).any()):
         region = (w // 4, h // 4, w - w // 4, h - h // 4)
@@ -545,19 +546,22 @@ def cli_report(argv: list[str] | None = None,  # arguments after `matseg report`
                 raise MatsegError(f"--job {a.job!r}: no folder {run}/<dataset>/{a.job}; jobs with a checkpoint: "
                                   f"{', '.join(have) or 'none'}")
             job = hits[0]
-        rep = build_report(job, prof, out=a.out, **kw)
+        folder = find_checkpoint(job)[0].parent.parent  # the job's run folder: written under its lock
+        with RunLock(folder) if (folder / PROFILES).is_dir() else contextlib.nullcontext():
+            rep = build_report(job, prof, out=a.out, **kw)
         paths = [Path(rep["out"]) / "report.html"]
     else:
         if not any(run.glob("*/*/result.json")):
             raise MatsegError(f"{run} holds neither checkpoint.safetensors (a job folder) nor <dataset>/<job>/result.json "
                               "(a `matseg bench` folder); point at one of those")
-        if a.out:
-            paths = []
-            for sel in best_jobs(run):
-                dest = Path(a.out) / sel["dataset"]
-                build_report(sel["job_dir"], prof or find_profile(Path(sel["job_dir"]), None, sel.get("profile")), out=dest, selection=sel, **kw)
-                paths.append(dest / "report.html")
-        else:
-            paths = report_best_jobs(run, prof, **kw)
+        with RunLock(run):  # reports are written into the run folder: one writer at a time
+            if a.out:
+                paths = []
+                for sel in best_jobs(run):
+                    dest = Path(a.out) / sel["dataset"]
+                    build_report(sel["job_dir"], prof or find_profile(Path(sel["job_dir"]), None, sel.get("profile")), out=dest, selection=sel, **kw)
+                    paths.append(dest / "report.html")
+            else:
+                paths = report_best_jobs(run, prof, **kw)
     for p in paths: print(f"matseg report: wrote {p} and {p.with_name('report.json')}")
     return 0

@@ -189,7 +189,7 @@ def data_identity(spec,  # DatasetSpec
     return [list(r) for r in sorted(rows)]
 
 _TASK_KEYS = ("boundary_tolerance", "boundary_tolerance_rule")
-_DATASET_KEYS = ("classes", "channels", "mask_encoding", "layout", "normalization")
+_DATASET_KEYS = ("classes", "channels", "mask_encoding", "layout", "normalization", "ignore_index")
 
 def data_fingerprint(data,  # xarray Dataset from `load_dataset` or `matseg.train.JobData`
                     ) -> dict:
@@ -618,7 +618,8 @@ def _train(job, out_dir, jdir, res_path, spec, h, device, data, callbacks, stop,
     if cuda: model = model.to(memory_format=torch.channels_last)
     opt, sched = make_optimizer(model, tr)
     cw = inverse_frequency_weights(ytr, K).to(dev) if tr.class_weights else None
-    loss_fn = make_loss(tr.loss, cw)
+    ig = getattr(job.dataset, "ignore_index", None)  # unlabelled pixels: skipped by the loss and every metric
+    loss_fn = make_loss(tr.loss, cw, ignore_index=ig)
     sampler = CropSampler(xtr, ytr, size, tr.batch_size, seed=job.seed, augment=tr.augment, device=dev,
                           crops_per_image=getattr(tr, "crops_per_image", None))
     stopper = EarlyStopping(tr.patience)
@@ -649,7 +650,7 @@ def _train(job, out_dir, jdir, res_path, spec, h, device, data, callbacks, stop,
                "val_loss": math.nan, "val_miou": math.nan, "best": False}
         diverged = _finite_or_diverged(row["train_loss"], "the training loss", epoch + 1)
         if diverged is None and ((epoch + 1) % tr.val_every == 0 or epoch + 1 == tr.max_epochs):
-            val, _ = evaluate(model, xva, yva, K, size, tr.tile_overlap, amp=amp, boundary=False)
+            val, _ = evaluate(model, xva, yva, K, size, tr.tile_overlap, amp=amp, boundary=False, ignore_index=ig)
             row.update(val_loss=val["loss"], val_miou=val["miou"])
             diverged = _finite_or_diverged(val["loss"], "the validation loss", epoch + 1)
             if diverged is None and stopper.step(epoch, _monitor_value(monitor, val)):
@@ -692,7 +693,7 @@ def _train(job, out_dir, jdir, res_path, spec, h, device, data, callbacks, stop,
     for split, (xs, ys, names) in (("val", (xva, yva, nva)), ("test", (xte, yte, nte))):
         if len(names):
             m, _ = evaluate(best, xs, ys, K, size, tr.tile_overlap, amp=amp, boundary=True, tolerance=tol,
-                            rule=rule)
+                            rule=rule, ignore_index=ig)
             metrics[split] = m
     result = {**base, "status": "done", "params": int(count_parameters(best)),
               "infer_ms": _time_inference(best, (1, data.in_channels, size, size), dev, amp), "infer_tile": size,

@@ -155,7 +155,9 @@ def test_encoder_features_and_cache(tmp_path):
     import torch
     torch.manual_seed(0)
     model = smp.Unet("resnet18", encoder_weights=None, in_channels=3, classes=2)
-    imgs = np.random.default_rng(0).random((3, 1, 64, 64), dtype=np.float32)  # grey -> repeated to 3 channels
+    imgs = np.random.default_rng(0).random((3, 3, 64, 64), dtype=np.float32)
+    with pytest.raises(MatsegError, match="1 channels but the encoder takes 3"):  # channel matching is the pipeline's
+        encoder_features(model, imgs[:, :1])
     f = encoder_features(model, imgs, batch_size=2)
     assert f.shape == (3, 2 * (64 + 64 + 128 + 256 + 512)) and np.isfinite(f).all()
     assert f.shape[1] == encoder_features(model, imgs, std=False).shape[1] * 2

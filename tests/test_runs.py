@@ -135,9 +135,9 @@ def test_every_reader_feeds_the_training_tensor(bench, tmp_path, monkeypatch):
     first_matches(train_x[0])
     build_report(jdir, None, n_images=1, ood=False, heatmaps=False, out=tmp_path / "rep", device="cpu")
     first_matches(train_x[0])
-    assert cli_ood([str(jdir), "--id", "toy:train", "--test", str(files[0]), "--tile", "0", "--k", "1",
+    assert cli_ood([str(jdir), "--id", "toy:train", "--test", str(files[0]), "--tile", "32", "--k", "2",
                     "--device", "cpu", "--out", str(tmp_path / "ood")]) == 0
-    seen[:] = seen[-1:]  # the test image is embedded last (whole image: --tile 0)
+    seen[:] = seen[-1:]  # the test image's crops are embedded last; the first is its top-left corner
     first_matches(train_x[0])
     ce = CounterfactualExplorer.from_job(R.TrainedJob.open(jdir, device="cpu"), files[0], patch=16, stride=16)
     first_matches(train_x[0])
