@@ -46,9 +46,9 @@ def test_early_stopping_on_scripted_curve(tmp_path, monkeypatch):
     curve = [0.1, 0.3, 0.5, 0.4, 0.5, 0.45, 0.9]  # best at epoch 3; 0.5 at epoch 5 is a tie, not an improvement
     real, calls = T.evaluate, []
 
-    def scripted(model, images, masks, n_classes, size, overlap=64, amp=False, boundary=True, tolerance=2, rule="pixels"):
+    def scripted(model, images, masks, n_classes, size, overlap=64, amp=False, boundary=True, tolerance=2, rule="pixels", ignore_index=None):
         calls.append((boundary, len(images), fingerprint(model)))
-        if boundary: return real(model, images, masks, n_classes, size, overlap, amp, boundary, tolerance, rule)
+        if boundary: return real(model, images, masks, n_classes, size, overlap, amp, boundary, tolerance, rule, ignore_index=ignore_index)
         v = curve[sum(not b for b, *_ in calls) - 1]
         return {"miou": v, "loss": 1 - v}, np.zeros((len(images),) + tuple(masks.shape[1:]), np.uint8)
 
