@@ -25,6 +25,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 import torch
+from scipy import stats
 from tqdm.auto import tqdm
 
 from .core import MatsegError, atomic_path, atomic_write_json, atomic_write_text, resolve_device
@@ -38,13 +39,13 @@ from .train import (CropSampler, EarlyStopping, JobData, evaluate, get_rng_state
 
 # %% auto #0
 __all__ = ['RESULT', 'CHECKPOINT', 'STATE', 'HISTORY', 'NOTEBOOK', 'PROFILES', 'SUPERSEDED', 'LOCK', 'GENERATIONS', 'CURRENT',
-           'SUMMARY', 'PIPELINE_VERSION', 'METRICS', 'JOB_COLUMNS', 'KEYS', 'job_dir', 'profile_file', 'notebook_file',
-           'clean_temp', 'RunLock', 'weights_identity', 'data_identity', 'data_fingerprint', 'job_spec', 'spec_hash',
-           'spec_changes', 'stored_spec', 'check_jobs', 'supersede', 'conflict_error', 'job_input_stats',
-           'InputPipeline', 'tile_size', 'find_checkpoint', 'find_profile', 'TrainedJob', 'train_job',
-           'save_run_profile', 'prepare_grid', 'run_jobs', 'collect_results', 'results_frame', 'results_dataset',
-           'save_results', 'summary_table', 'ranking', 'best_table', 'recommend', 'iou_heatmap', 'markdown_table',
-           'select_best', 'write_summary', 'Run']
+           'SUMMARY', 'PIPELINE_VERSION', 'METRICS', 'JOB_COLUMNS', 'KEYS', 'ALPHA', 'job_dir', 'profile_file',
+           'notebook_file', 'clean_temp', 'RunLock', 'weights_identity', 'data_identity', 'data_fingerprint',
+           'job_spec', 'spec_hash', 'spec_changes', 'stored_spec', 'check_jobs', 'supersede', 'conflict_error',
+           'job_input_stats', 'InputPipeline', 'tile_size', 'find_checkpoint', 'find_profile', 'TrainedJob',
+           'train_job', 'save_run_profile', 'prepare_grid', 'run_jobs', 'collect_results', 'results_frame',
+           'results_dataset', 'save_results', 'compare_seeds', 'recommend', 'select_best', 'summary_table', 'ranking',
+           'best_table', 'iou_heatmap', 'markdown_table', 'write_summary', 'Run']
 
 # %% ../nbs/05a_runs.ipynb #ea7e87a3
 RESULT, CHECKPOINT, STATE, HISTORY, NOTEBOOK = "result.json", "checkpoint.safetensors", "state.pt", "history.csv", "benchmark.ipynb"
@@ -829,6 +830,123 @@ def save_results(ds,  # from `results_dataset`
     with atomic_path(path) as tmp: ds.to_netcdf(tmp, engine="h5netcdf")
     return Path(path)
 
+# %% ../nbs/05a_runs.ipynb #bac2002b
+ALPHA = 0.05  # level of each comparison with the best
+
+def compare_seeds(a,  # per-seed scores of combination A (NaN ignored)
+                  b,  # per-seed scores of combination B
+                  alpha: float = ALPHA,  # test level; the interval is (1 - alpha)
+                 ) -> dict:
+    "Welch's t-test of mean(a) - mean(b): diff, its interval, p, n of each and a verdict ('different', 'indistinguishable', 'unknown')."
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    a, b = a[~np.isnan(a)], b[~np.isnan(b)]
+    na, nb = len(a), len(b)
+    if not na or not nb: raise MatsegError(f"compare_seeds needs scores on both sides (got {na} and {nb}); check the results")
+    diff = float(a.mean() - b.mean())
+    out = {"diff": diff, "n_a": na, "n_b": nb, "p_value": None, "ci": None, "df": None, "test": "Welch's t", "alpha": alpha}
+    if na < 2 or nb < 2: return {**out, "verdict": "unknown"}
+    va, vb = a.var(ddof=1) / na, b.var(ddof=1) / nb
+    se = math.sqrt(va + vb)
+    if se == 0:  # no seed-to-seed spread on either side: the difference is exact
+        return {**out, "p_value": 1.0 if diff == 0 else 0.0, "ci": [diff, diff], "df": float(na + nb - 2),
+                "verdict": "indistinguishable" if diff == 0 else "different"}
+    df = (va + vb) ** 2 / (va ** 2 / (na - 1) + vb ** 2 / (nb - 1)) if va and vb else float(na - 1 if va else nb - 1)
+    p = float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+    h = float(stats.t.ppf(1 - alpha / 2, df)) * se
+    return {**out, "p_value": p, "ci": [diff - h, diff + h], "df": float(df),
+            "verdict": "different" if p < alpha else "indistinguishable"}
+
+def _name(e, d) -> str: return f"{e} + {d}"
+
+def _cmp_text(c: dict) -> str:
+    n = f"n = {c['n_a']} vs {c['n_b']} seeds"
+    if c["verdict"] == "unknown":
+        return f"{c['combination']}: {-c['diff']:+.3f} val IoU ({n}: noise unknown, add seeds)"
+    lo, hi = (-c["ci"][1], -c["ci"][0])
+    what = "worse" if c["verdict"] == "different" else "cannot be told apart at this n"
+    return (f"{c['combination']}: {-c['diff']:+.3f} val IoU (95% CI {lo:+.3f} … {hi:+.3f}, Welch p = {c['p_value']:.3g}, "
+            f"{n}): {what}")
+
+def recommend(frame: pd.DataFrame,  # from `results_frame`
+             ) -> dict[str, dict]:
+    "Per dataset: the selected combination (`select_best`), every comparison with the best, and a sentence."
+    out, sel = {}, select_best(frame)
+    rank = ranking(frame)
+    for d, g in rank.groupby("dataset", sort=False):
+        if d not in sel: continue
+        s = sel[d]
+        a = g[(g["encoder"] == s["encoder"]) & (g["decoder"] == s["decoder"])].iloc[0]
+        top = g.iloc[0]
+        cmps = s["comparisons"]
+        second = cmps[0] if cmps else None
+        rec = {"encoder": s["encoder"], "decoder": s["decoder"], "seed": s["seed"], "val_iou": a["val_iou"],
+               "test_iou": a["iou_mean"], "n_seeds": int(a["n_seeds"]), "top_by_mean": s["top_by_mean"],
+               "runner_up": second["combination"] if second else None, "gap": second["diff"] if second else None,
+               "p_value": second["p_value"] if second else None,
+               "pooled_std": (float(math.sqrt((top["val_std"] ** 2 + g.iloc[1]["val_std"] ** 2) / 2))
+                              if second and second["verdict"] != "unknown" else None),
+               "within_noise": None if not second or second["verdict"] == "unknown" else second["verdict"] == "indistinguishable",
+               "criterion": s["criterion"], "alpha": ALPHA, "test": "Welch's t", "rule": s["rule"], "comparisons": cmps}
+        name = _name(s["encoder"], s["decoder"])
+        text = (f"**{d}**: use **{name}** (val IoU {_pm(a['val_iou'], a['val_std'], a['n_seeds'])}, "
+                f"test IoU {_pm(a['iou_mean'], a['iou_std'], a['n_seeds'])}, {int(a['n_seeds'])} seeds).")
+        if cmps:
+            ns = sorted({c["n_b"] for c in cmps} | {cmps[0]["n_a"]})
+            if all(c["verdict"] == "unknown" for c in cmps):
+                text += (f" Evidence: {s['criterion']} of one seed per combination, so the seed-to-seed noise is unknown "
+                         "and this ranking is not yet reliable: add seeds (training.seeds) to tell.")
+            else:
+                text += (f" Evidence: {s['criterion']} over {'/'.join(map(str, ns))} seeds per combination, each compared "
+                         f"with the best by mean ({s['top_by_mean']}) by Welch's t-test (α = {ALPHA}, per comparison).")
+            if s["top_by_mean"] != name:
+                c = next(c for c in cmps if c["combination"] == name)
+                text += (f" {name} cannot be told apart from {s['top_by_mean']} at this n (p = {c['p_value']:.3g}) and has "
+                         f"fewer parameters: prefer the cheaper one ({name}).")
+            text += " " + "; ".join(_cmp_text(c) for c in cmps) + "."
+        rec["text"] = text
+        out[d] = rec
+    return out
+
+
+# %% ../nbs/05a_runs.ipynb #1677ecce
+def select_best(frame,  # results table: dataset, encoder, decoder, seed, split, iou [, params] (`results_frame`)
+                alpha: float = ALPHA,  # level of each comparison with the top
+               ) -> dict[str, dict]:
+    "Per dataset: the selected job's keys, the criterion, its value, test mIoU, the rule and every comparison with the top."
+    out = {}
+    for d, g in frame.groupby("dataset", sort=False):
+        split = "val" if g.loc[g["split"] == "val", "iou"].notna().any() else "test"
+        s = g[(g["split"] == split) & g["iou"].notna()]
+        if s.empty: continue
+        by = s.groupby(["encoder", "decoder"], sort=False)
+        means = by["iou"].mean()
+        combos = sorted(means.index, key=lambda k: -means[k])  # stable: ties keep the table's order
+        top = combos[0]
+        cost = by["params"].mean() if "params" in s else None
+        cmps = []
+        for k in combos[1:]:
+            c = compare_seeds(s.loc[(s["encoder"] == top[0]) & (s["decoder"] == top[1]), "iou"],
+                              s.loc[(s["encoder"] == k[0]) & (s["decoder"] == k[1]), "iou"], alpha)
+            cmps.append({"combination": _name(*k), "encoder": str(k[0]), "decoder": str(k[1]), "mean": float(means[k]),
+                         "params": None if cost is None or pd.isna(cost[k]) else float(cost[k]), **c})
+        ties = [top] + [k for k, c in zip(combos[1:], cmps) if c["verdict"] == "indistinguishable"]
+        if cost is not None and len(ties) > 1 and not any(pd.isna(cost[k]) for k in ties):
+            combo = min(ties, key=lambda k: (cost[k], -means[k]))
+        else: combo = top
+        rule = (f"{split} mIoU; {_name(*combo)} " + ("has the best mean" if combo == top else
+                f"cannot be told apart from the top ({_name(*top)}) by Welch's t at α = {alpha} and has fewer parameters"))
+        c = s[(s["encoder"] == combo[0]) & (s["decoder"] == combo[1])]
+        r = c.loc[c["iou"].idxmax()]
+        t = g[(g["split"] == "test") & (g["encoder"] == r["encoder"]) & (g["decoder"] == r["decoder"]) & (g["seed"] == r["seed"])]
+        out[str(d)] = {"dataset": str(d), "encoder": str(r["encoder"]), "decoder": str(r["decoder"]), "seed": int(r["seed"]),
+                       "criterion": f"{split} mIoU", "value": float(r["iou"]),
+                       "combination_mean": float(means[combo]), "n_seeds": int(c["seed"].nunique()),
+                       "test_miou": float(t["iou"].iloc[0]) if len(t) else None,
+                       "n_jobs": int(len(g[["encoder", "decoder", "seed"]].drop_duplicates())),
+                       "top_by_mean": _name(*top), "rule": rule, "comparisons": cmps}
+    return out
+
+
 # %% ../nbs/05a_runs.ipynb #59fd984c
 def summary_table(frame: pd.DataFrame,  # from `results_frame`
                   split: str = "test",  # which split's scores
@@ -858,11 +976,14 @@ def ranking(frame: pd.DataFrame) -> pd.DataFrame:
 def best_table(frame: pd.DataFrame,  # from `results_frame`
                results: list[dict],  # from `collect_results` (for dataset context)
               ) -> pd.DataFrame:
-    "The best combination per dataset (by mean val IoU) with test scores and dataset context."
+    "The selected combination per dataset (`select_best`: val IoU, Welch's t, cheaper among the indistinguishable) with test scores and context."
     ctx = {r["dataset"]: r for r in results}
+    sel = select_best(frame)
     rows = []
     for d, g in ranking(frame).groupby("dataset", sort=False):
-        b, c = g.iloc[0], ctx[d]
+        if d not in sel: continue
+        s, c = sel[d], ctx[d]
+        b = g[(g["encoder"] == s["encoder"]) & (g["decoder"] == s["decoder"])].iloc[0]
         rows.append({"dataset": d, "modality": c.get("modality", ""), "material": c.get("material", ""),
                      "classes": len(c["classes"]), "train_images": c["context"]["n_images"].get("train", 0),
                      "minority_class": c["context"]["minority_class"],
@@ -870,41 +991,10 @@ def best_table(frame: pd.DataFrame,  # from `results_frame`
                      "encoder": b["encoder"], "decoder": b["decoder"], "n_seeds": int(b["n_seeds"]),
                      "val_iou": b["val_iou"], "val_std": b["val_std"],
                      **{f"test_{m}": b[f"{m}_mean"] for m in METRICS}, "test_iou_std": b["iou_std"],
-                     "params": b["params_mean"], "infer_ms": b["infer_ms_mean"]})
+                     "params": b["params_mean"], "infer_ms": b["infer_ms_mean"],
+                     "top_by_mean": s["top_by_mean"], "rule": s["rule"]})
     return pd.DataFrame(rows)
 
-# %% ../nbs/05a_runs.ipynb #bac2002b
-def recommend(frame: pd.DataFrame,  # from `results_frame`
-             ) -> dict[str, dict]:
-    "Per dataset: the recommended combination, the runner-up, whether they are within seed noise, and a sentence."
-    out = {}
-    for d, g in ranking(frame).groupby("dataset", sort=False):
-        a = g.iloc[0]; name_a = f"{a['encoder']} + {a['decoder']}"
-        rec = {"encoder": a["encoder"], "decoder": a["decoder"], "val_iou": a["val_iou"], "test_iou": a["iou_mean"],
-               "n_seeds": int(a["n_seeds"]), "runner_up": None, "gap": None, "pooled_std": None, "within_noise": None}
-        text = (f"**{d}**: use **{name_a}** (val IoU {_pm(a['val_iou'], a['val_std'], a['n_seeds'])}, "
-                f"test IoU {_pm(a['iou_mean'], a['iou_std'], a['n_seeds'])}).")
-        if len(g) > 1:
-            b = g.iloc[1]; name_b = f"{b['encoder']} + {b['decoder']}"
-            gap = float(a["val_iou"] - b["val_iou"])
-            rec.update(runner_up=name_b, gap=gap)
-            n = min(int(a["n_seeds"]), int(b["n_seeds"]))
-            if n < 2:
-                text += (f" Runner-up {name_b} is {gap:.3f} lower on val IoU; with one seed the seed-to-seed noise is "
-                         "unknown, so this ranking is not yet reliable: add seeds (training.seeds) to tell.")
-            else:
-                pooled = float(math.sqrt((a["val_std"] ** 2 + b["val_std"] ** 2) / 2))
-                rec.update(pooled_std=pooled, within_noise=bool(gap < pooled))
-                if gap < pooled:
-                    text += (f" Runner-up {name_b} is only {gap:.3f} lower on val IoU, less than the seed noise "
-                             f"(pooled std {pooled:.3f}, {n} seeds): the two are equivalent here, so prefer the cheaper "
-                             f"one ({'%s' % (name_a if a['params_mean'] <= b['params_mean'] else name_b)}, fewer parameters).")
-                else:
-                    text += (f" It beats runner-up {name_b} by {gap:.3f} val IoU, more than the seed noise "
-                             f"(pooled std {pooled:.3f}, {n} seeds).")
-        rec["text"] = text
-        out[d] = rec
-    return out
 
 # %% ../nbs/05a_runs.ipynb #ae35de71
 def iou_heatmap(frame: pd.DataFrame,  # from `results_frame`
@@ -954,30 +1044,10 @@ def _display_best(t: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({"dataset": t["dataset"], "modality": t["modality"], "material": t["material"],
                          "classes": t["classes"], "train images": t["train_images"],
                          "minority class (fraction)": [f"{c} ({f:.2%})" for c, f in zip(t["minority_class"], t["minority_fraction"])],
-                         "best (by val IoU)": t["encoder"] + " + " + t["decoder"],
+                         "selected (val IoU, Welch α = 0.05, cheapest of the ties)": t["encoder"] + " + " + t["decoder"],
                          "val IoU": [_pm(a, b, n) for a, b, n in zip(t["val_iou"], t["val_std"], t["n_seeds"])],
                          "test IoU": [_pm(a, b, n) for a, b, n in zip(t["test_iou"], t["test_iou_std"], t["n_seeds"])],
                          "test Dice": t["test_dice"], "test boundary F1": t["test_boundary_f1"]})
-
-# %% ../nbs/05a_runs.ipynb #1677ecce
-def select_best(frame,  # results table: dataset, encoder, decoder, seed, split, iou (benchmark.results_frame)
-               ) -> dict[str, dict]:
-    "Per dataset: the best job's keys, the criterion used ('val mIoU' or 'test mIoU'), its value and test mIoU."
-    out = {}
-    for d, g in frame.groupby("dataset", sort=False):
-        split = "val" if g.loc[g["split"] == "val", "iou"].notna().any() else "test"
-        s = g[(g["split"] == split) & g["iou"].notna()]
-        if s.empty: continue
-        combo = s.groupby(["encoder", "decoder"], sort=False)["iou"].mean().idxmax()
-        c = s[(s["encoder"] == combo[0]) & (s["decoder"] == combo[1])]
-        r = c.loc[c["iou"].idxmax()]
-        t = g[(g["split"] == "test") & (g["encoder"] == r["encoder"]) & (g["decoder"] == r["decoder"]) & (g["seed"] == r["seed"])]
-        out[str(d)] = {"dataset": str(d), "encoder": str(r["encoder"]), "decoder": str(r["decoder"]), "seed": int(r["seed"]),
-                       "criterion": f"{split} mIoU", "value": float(r["iou"]),
-                       "combination_mean": float(s.groupby(["encoder", "decoder"])["iou"].mean()[combo]),
-                       "test_miou": float(t["iou"].iloc[0]) if len(t) else None,
-                       "n_jobs": int(len(g[["encoder", "decoder", "seed"]].drop_duplicates()))}
-    return out
 
 # %% ../nbs/05a_runs.ipynb #c5405503
 def _link(path: Path, target: str) -> None:

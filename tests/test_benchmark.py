@@ -48,7 +48,7 @@ def fake_result(dataset, encoder, decoder, seed, val, test):
 
 
 def test_tables_and_recommendation_by_hand():
-    # unet vs fpn, 3 seeds: val [.80,.82,.84] vs [.80,.81,.82]: gap .01 < pooled std sqrt((.02²+.01²)/2) = .0158
+    # unet vs fpn, 3 seeds: val [.80,.82,.84] vs [.80,.81,.82]: gap .01, Welch t = .01/sqrt(.02²/3+.01²/3) = 0.775, df 2.94, p = 0.496
     res = [fake_result("A", "r18", "unet", s, 0.80 + 0.02 * s, 0.70 + 0.02 * s) for s in range(3)]
     res += [fake_result("A", "r18", "fpn", s, 0.80 + 0.01 * s, 0.90) for s in range(3)]
     frame = R.results_frame(res)
@@ -58,7 +58,8 @@ def test_tables_and_recommendation_by_hand():
     assert best["decoder"] == "unet"  # selected on val although fpn is better on test: never select on test
     rec = R.recommend(frame)["A"]
     assert math.isclose(rec["gap"], 0.01) and math.isclose(rec["pooled_std"], math.sqrt((0.02**2 + 0.01**2) / 2))
-    assert rec["within_noise"] is True and "seed noise" in rec["text"]
+    assert math.isclose(rec["p_value"], 0.496, abs_tol=1e-3) and rec["comparisons"][0]["n_a"] == 3
+    assert rec["within_noise"] is True and "cannot be told apart at this n" in rec["text"] and "n = 3 vs 3" in rec["text"]
     one = R.recommend(frame[frame.seed == 0])["A"]
     assert one["within_noise"] is None and "unknown" in one["text"]
 

@@ -142,3 +142,64 @@ def test_every_reader_feeds_the_training_tensor(bench, tmp_path, monkeypatch):
     ce = CounterfactualExplorer.from_job(R.TrainedJob.open(jdir, device="cpu"), files[0], patch=16, stride=16)
     first_matches(train_x[0])
     assert ce.pred.shape == (64, 64)
+
+
+# --- recommendations with real statistics (issue 9, item 5) ---
+
+def _result(dataset, encoder, seed, val, params=1000):
+    m = {"miou": val, "dice": val, "pixel_accuracy": 0.9, "wiou": 0.8, "boundary_f1": val, "iou": [0.9, val]}
+    return {"id": f"{dataset}__{encoder}__unet__s{seed}", "status": "done", "dataset": dataset, "encoder": encoder,
+            "decoder": "unet", "seed": seed, "weights": "none", "classes": ["bg", "a"], "device": "cpu", "epochs": 1,
+            "best_epoch": 1, "train_seconds": 1.0, "params": params, "infer_ms": 1.0,
+            "metrics": {"val": m, "test": {**m, "miou": val - 0.1}},
+            "context": {"n_images": {"train": 4, "val": 2, "test": 2}, "image_shape": [8, 8],
+                        "class_fraction": {"bg": 0.9, "a": 0.1}, "minority_class": "a", "minority_fraction": 0.1}}
+
+
+def test_gap_below_sd_with_many_seeds_is_not_equivalent():
+    # the issue's case: 20 seeds, gap 0.007, SD 0.008 -> the old rule said "equivalent"; Welch p = 0.009
+    z = np.random.default_rng(1).standard_normal(20)
+    z = (z - z.mean()) / z.std(ddof=1)
+    res = [_result("D", "a", s, 0.807 + 0.008 * z[s]) for s in range(20)] + \
+          [_result("D", "b", s, 0.800 + 0.008 * z[19 - s], params=10) for s in range(20)]
+    rec = R.recommend(R.results_frame(res))["D"]
+    assert rec["within_noise"] is False and abs(rec["p_value"] - 0.0087) < 5e-4 and rec["encoder"] == "a"
+    assert "worse" in rec["text"] and "n = 20 vs 20" in rec["text"]
+    # the same gap and SD with 3 seeds cannot be told apart: then the cheaper one is selected
+    few = [_result("D", e, s, m + 0.008 * (s - 1), params=pp) for e, m, pp in (("a", 0.807, 1000), ("b", 0.800, 10))
+           for s in range(3)]
+    rec3 = R.recommend(R.results_frame(few))["D"]
+    assert rec3["within_noise"] is True and rec3["encoder"] == "b" and "prefer the cheaper one (b + unet)" in rec3["text"]
+
+
+def test_null_case_false_positive_rate_and_power():
+    rng = np.random.default_rng(0)
+    n, reps = 5, 2000
+    fp = np.mean([R.compare_seeds(rng.normal(0.8, 0.01, n), rng.normal(0.8, 0.01, n))["verdict"] == "different"
+                  for _ in range(reps)])
+    assert 0.035 < fp < 0.065, fp  # alpha = 0.05; binomial sd 0.005
+    hits = np.mean([R.compare_seeds(rng.normal(0.815, 0.01, 20), rng.normal(0.8, 0.01, 20))["verdict"] == "different"
+                    for _ in range(200)])
+    assert hits > 0.95, hits  # a real gap of 1.5 SD is found with 20 seeds
+    one = R.compare_seeds([0.9], rng.normal(0.8, 0.01, 5))
+    assert one["verdict"] == "unknown" and one["p_value"] is None
+
+
+def test_text_json_tables_and_report_carry_one_selection(tmp_path):
+    # big and small cannot be told apart at n = 3; small has fewer parameters; worse is clearly worse
+    res = [_result("C", "big", s, 0.80 + 0.01 * s, params=5_000_000) for s in range(3)]
+    res += [_result("C", "small", s, 0.795 + 0.01 * s, params=1_000_000) for s in range(3)]
+    res += [_result("C", "worse", s, 0.60 + 0.01 * s, params=100) for s in range(3)]
+    for r in res:
+        d = tmp_path / r["dataset"] / r["id"]
+        d.mkdir(parents=True)
+        (d / "result.json").write_text(json.dumps(r))
+        (d / R.CHECKPOINT).write_bytes(b"")
+    p = R.write_summary(tmp_path)
+    rec = json.loads(p["recommendations_json"].read_text())["C"]
+    best = pd.read_csv(p["best_per_dataset_csv"]).iloc[0]
+    sel = R.Run(tmp_path).best_jobs()[0]
+    assert "prefer the cheaper one (small + unet)" in rec["text"] and rec["top_by_mean"] == "big + unet"
+    assert rec["encoder"] == best["encoder"] == sel["encoder"] == "small" and sel["seed"] == 2
+    assert [c["verdict"] for c in rec["comparisons"]] == ["indistinguishable", "different"]
+    assert "small + unet" in p["best_per_dataset_md"].read_text()
