@@ -23,7 +23,8 @@ from .runs import TrainedJob
 # %% auto #0
 __all__ = ['PRDC_NAMES', 'DETECTORS', 'knn_radii', 'prdc_statistics', 'GMMDetector', 'OCSVMDetector', 'KDEDetector',
            'make_detector', 'nearest_index', 'Forte', 'evaluate_ood', 'readiness', 'model_fingerprint', 'hf_features',
-           'mask_features', 'FeatureCache', 'auto_k', 'tile_images', 'cli_ood']
+           'mask_features', 'FeatureCache', 'auto_k', 'tile_images', 'cli_ood', 'qc_split', 'threshold_interval',
+           'qc_protocol']
 
 # %% ../nbs/07_ood.ipynb #e6741e4c
 def _as_points(x, name: str = "features") -> np.ndarray:
@@ -564,3 +565,87 @@ def cli_ood(argv: list[str] | None = None, # command-line arguments after `matse
     print(f"OOD {a.test} vs {a.id}: AUROC {m['auroc']:.3f}  FPR95 {m['fpr95']:.3f}  "
           f"{'READY' if rd['ready'] else 'NOT READY'} (needs AUROC > {rd['required_auroc']}) -> {out}")
     return 0
+
+# %% ../nbs/07_ood.ipynb #2003c204
+def qc_split(groups, # (N,) group label of each ID image
+             heldout: float = 0.5, # fraction of groups held out as ID test images
+             seed: int = 0, # seed of the group permutation
+            ) -> tuple[np.ndarray, np.ndarray]:
+    "Boolean masks (fit, held-out) over ID images; whole groups go to one side; fit keeps >= 4 groups (2 per Forte half), held-out >= 1."
+    g = np.asarray(groups); u = np.random.default_rng(seed).permutation(np.unique(g))
+    if len(u) < 5:
+        raise MatsegError(f"the ID data has {len(u)} image group(s); the QC protocol needs at least 5 (4 to fit Forte, "
+                          "2 per half, and 1 held out): add ID images from more sources")
+    n_held = int(min(len(u) - 4, max(1, round(heldout * len(u)))))
+    held = np.isin(g, u[:n_held])
+    return ~held, held
+
+def threshold_interval(scores, # (M,) held-out ID scores (crops)
+                       groups, # (M,) group of each score
+                       quantile: float = 0.05, # ID fraction below the threshold
+                       n_boot: int = 1000, # bootstrap draws over groups
+                       min_groups: int = 3, # fewest held-out groups for a threshold
+                       seed: int = 0, # bootstrap seed
+                      ) -> dict:
+    "The `quantile` of held-out ID scores with a 95% bootstrap interval over groups — or how many groups/points it needs."
+    s, g = np.asarray(scores, float), np.asarray(groups)
+    u = np.unique(g); need_pts = int(math.ceil(1 / quantile))
+    if len(u) < min_groups or len(s) < need_pts:
+        return dict(threshold=None, low=None, high=None, n_groups=len(u), n_points=len(s),
+                    needs=f"needs >= {min_groups} held-out ID groups and >= {need_pts} held-out points for the "
+                          f"{quantile:g} quantile; has {len(u)} groups, {len(s)} points: add ID images from more groups")
+    rng = np.random.default_rng(seed); by = [s[g == x] for x in u]
+    boot = [np.quantile(np.concatenate([by[i] for i in rng.integers(0, len(u), len(u))]), quantile) for _ in range(n_boot)]
+    return dict(threshold=float(np.quantile(s, quantile)), low=float(np.quantile(boot, 0.025)),
+                high=float(np.quantile(boot, 0.975)), n_groups=len(u), n_points=len(s), needs=None)
+
+def qc_protocol(id_features, # (N, D) ID features (crops), or a list of such arrays (views)
+                id_src, # (N,) ID image index of each feature row
+                id_groups, # (n_images,) group label of each ID image
+                tests: dict, # {name: (features, src)}: test sets, scored like the held-out ID images
+                shifts: dict | Callable | None = None, # {name: (features, src)} or held-out image indices -> such dict
+                designated: Sequence[str] | None = None, # shift sets the detector must separate (default: all)
+                detector: str = "gmm", # Forte detector
+                k: int | None = None, # neighbours; None: `auto_k` of the fit ID data only
+                mode: str = "single", # scoring mode of every set
+                seed: int = 0, # split/detector/bootstrap seed
+                quantile: float = 0.05, # ID fraction below the threshold
+                heldout: float = 0.5, # fraction of ID groups held out
+                deployment_threshold: float = 0.95, # AUROC the detector must reach on the designated shifts
+               ) -> dict:
+    "One protocol: fit Forte on fit groups, score held-out ID, test and shift sets by the same call; two verdicts."
+    vs = _views(id_features, "id_features"); src = np.asarray(id_src); grp = np.asarray(id_groups)
+    fit_img, held_img = qc_split(grp, heldout, seed)
+    fit_pt, held_pt = fit_img[src], held_img[src]
+    k = k or auto_k(int(fit_pt.sum()), int(fit_img.sum()))
+    forte = Forte(detector, k=k, seed=seed).fit([v[fit_pt] for v in vs], groups=grp[src[fit_pt]])
+
+    def score(feats, s):  # the one scoring call of every set
+        return np.asarray(forte.score(feats, mode, groups=np.asarray(s) if mode == "batch" else None), float)
+
+    s_id = score([v[held_pt] for v in vs], src[held_pt])
+    thr = threshold_interval(s_id, grp[src[held_pt]], quantile, seed=seed)
+    t = thr["threshold"]
+
+    def summarise(feats, s):
+        sc = score(feats, s); s = np.asarray(s)
+        out = dict(auroc_vs_heldout_id=float(evaluate_ood(s_id, sc)["auroc"]), n_points=len(sc), scores=sc.tolist())
+        if t is not None:
+            per = [float(np.mean(sc[s == i] >= t)) for i in np.unique(s)]
+            out.update(crop_pass_rate=float(np.mean(sc >= t)), image_pass_rate=float(np.mean([p >= 0.5 for p in per])),
+                       typical_fraction=per)
+        return out
+    res_t = {n: summarise(*v) for n, v in tests.items()}
+    sh = shifts(np.nonzero(held_img)[0]) if callable(shifts) else (shifts or {})
+    res_s = {n: summarise(*v) for n, v in sh.items()}
+    des = list(designated) if designated is not None else list(res_s)
+    missing = [d for d in des if d not in res_s]
+    if missing: raise MatsegError(f"designated shift sets {missing} were not computed; computed: {list(res_s)}")
+    au = [res_s[d]["auroc_vs_heldout_id"] for d in des]
+    return dict(k=int(k), mode=mode, detector=detector, seed=seed, quantile=quantile,
+                n_fit_images=int(fit_img.sum()), n_heldout_images=int(held_img.sum()),
+                n_fit_groups=len(np.unique(grp[fit_img])), n_heldout_groups=len(np.unique(grp[held_img])),
+                threshold=thr, heldout_id_scores=s_id.tolist(), tests=res_t, shifts=res_s,
+                detector_validated=dict(validated=bool(au) and bool(min(au) > deployment_threshold), designated=des,
+                                        min_auroc=float(min(au)) if au else None, required_auroc=deployment_threshold))
+
