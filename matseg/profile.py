@@ -22,9 +22,9 @@ from .core import MatsegError, asset_path, atomic_write_json, cli_parser
 
 # %% auto #0
 __all__ = ['NAME_MAX_BYTES', 'NAME_MAX', 'SEED_MAX', 'RGB', 'MaskEncoding', 'Modality', 'METRICS', 'QC_SIGNALS',
-           'WEIGHTS_KEYWORDS', 'SplitDirs', 'LayoutSpec', 'IndexEncoding', 'BinaryEncoding', 'PaletteEncoding',
-           'CocoEncoding', 'NormSpec', 'DatasetSpec', 'TaskSpec', 'valid_decoders', 'valid_encoders', 'ModelSpec',
-           'TrainingSpec', 'Profile', 'ProfileError', 'parse_profile', 'load_profile', 'profile_to_dict',
+           'SYNTHETIC_SHIFTS', 'WEIGHTS_KEYWORDS', 'SplitDirs', 'LayoutSpec', 'IndexEncoding', 'BinaryEncoding',
+           'PaletteEncoding', 'CocoEncoding', 'NormSpec', 'DatasetSpec', 'TaskSpec', 'valid_decoders', 'valid_encoders',
+           'ModelSpec', 'TrainingSpec', 'Profile', 'ProfileError', 'parse_profile', 'load_profile', 'profile_to_dict',
            'save_profile', 'profile_schema', 'write_schema', 'apply_overrides', 'check_paths', 'Job', 'compile_profile',
            'summary_text', 'cli_validate', 'cli_jobs', 'cli_schema']
 
@@ -345,6 +345,7 @@ class DatasetSpec(_Spec):
 # %% ../nbs/00_profile.ipynb #893f937b
 METRICS = ("iou", "dice", "pixel_accuracy", "wiou", "boundary_f1")
 QC_SIGNALS = ("auroc", "f1", "precision", "fpr95", "auprc")
+SYNTHETIC_SHIFTS = ("blur", "noise", "contrast", "defocus")  # graded shifts of ID images (`matseg.ood.synthetic_shifts`)
 
 class TaskSpec(_Spec):
     "What the segmentation is for and how it is judged."
@@ -356,6 +357,18 @@ class TaskSpec(_Spec):
     boundary_tolerance_rule: Literal["pixels", "diagonal"] = Field(
         "pixels", description="boundary F1 match distance: 'pixels' = boundary_tolerance pixels; 'diagonal' = Csurka et al. "
                               "(2013)'s rule, 0.75 % of each image's diagonal (boundary_tolerance is then not used)")
+    shift_sets: list[str] = Field(
+        list(SYNTHETIC_SHIFTS), description="sets the OOD detector must tell apart from held-out ID images before its "
+        "verdicts count ('detector validated'): graded synthetic shifts of the held-out ID images (" + ", ".join(SYNTHETIC_SHIFTS)
+        + ") and/or DATASET[:SPLIT] of this profile (default split: test)")
+    qc_features: Literal["encoder", "mask", "both"] = Field(
+        "encoder", description="what QC embeds: the model's encoder features, the morphology of its predicted mask, or both")
+    defect_classes: list[str] = Field(
+        [], description="classes counted as objects (connected components matched to the truth one-to-one), e.g. ['crack']; "
+                        "each must be a class of at least one dataset")
+    defect_min_size: _Int = Field(0, ge=0, description="defect components smaller than this many pixels are dropped (both masks)")
+    instance_iou: _Float = Field(0.5, gt=0, le=1, description="IoU at which a predicted defect matches a true one "
+                                                             "(0.5 is always reported too)")
 
 @lru_cache(None)
 def valid_decoders() -> tuple[str, ...]:
@@ -444,6 +457,21 @@ class TrainingSpec(_Spec):
     deterministic: _Bool = Field(
         False, description="cuDNN deterministic algorithms and no cudnn.benchmark, for bit-identical GPU resume; the "
                            "default is fast, not deterministic, on GPU")
+    dropout: _Float = Field(0.0, ge=0, lt=1, description="Dropout2d probability before the segmentation head (MC-dropout "
+                                                         "uncertainty needs > 0); 0 = the plain smp model")
+    decoder_dropout: _Bool = Field(False, description="also Dropout2d (same p) after each decoder block")
+    head: Literal["softmax", "evidential"] = Field(
+        "softmax", description="'evidential': Dirichlet evidence per pixel, evidential loss with an annealed KL term")
+    evidential_anneal: _Int = Field(10, ge=1, description="epochs over which the evidential KL weight rises from 0 to 1")
+    uncertainty_loss: _Bool = Field(False, description="pixels the model is unsure of weigh less in the loss")
+    temperature_scaling: _Bool = Field(False, description="fit a softmax temperature on the validation split after training")
+    sampling: Literal["uniform", "rare_class", "adaptive"] = Field(
+        "uniform", description="training crop centres: uniform, biased towards rare classes, or also towards classes "
+                               "the model currently gets wrong on validation")
+    sampling_temperature: _Float = Field(0.1, gt=0, description="rare-class sampling temperature (smaller = rarer classes favoured more)")
+    cv_folds: _Int | None = Field(
+        None, ge=2, description="k-fold cross-validation over the train+val image groups (test split untouched); null = "
+                                "the fixed train/val split")
 
     @classmethod
     def _checks(cls, d):
@@ -491,6 +519,18 @@ class Profile(_Spec):
                     out.append((("datasets", i, "name"), n, f"job id {jid!r} would be {len(jid.encode())} bytes, longer than "
                                 f"the {NAME_MAX_BYTES} bytes a folder name may have (job id = dataset__encoder__decoder__sSEED); "
                                 "shorten the dataset name or use a shorter encoder name"))
+        task = _v(d, "task", cls)
+        classes = {c for x in (ds if isinstance(ds, list) else []) for c in _strs(_get(x, "classes", []))}
+        for j, c in enumerate(_strs(_v(task, "defect_classes", TaskSpec))):
+            if classes and c not in classes:
+                out.append((("task", "defect_classes", j), c, f"defect class {c!r} is a class of no dataset; classes: "
+                                                              f"{', '.join(sorted(classes))}"))
+        dnames = {n for _, n in names}
+        for j, sh in enumerate(_strs(_v(task, "shift_sets", TaskSpec))):
+            if sh not in SYNTHETIC_SHIFTS and sh.partition(":")[0] not in dnames:
+                out.append((("task", "shift_sets", j), sh, f"shift set {sh!r} is neither a synthetic shift ("
+                            f"{', '.join(SYNTHETIC_SHIFTS)}) nor DATASET[:SPLIT] of a dataset of this profile "
+                            f"({', '.join(sorted(dnames))})"))
         return out
 
     @property

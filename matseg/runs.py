@@ -189,7 +189,7 @@ def data_identity(spec,  # DatasetSpec
             rows.add((s.split, rel, st.st_size, st.st_mtime_ns))
     return [list(r) for r in sorted(rows)]
 
-_TASK_KEYS = ("boundary_tolerance", "boundary_tolerance_rule")
+_TASK_KEYS = ("boundary_tolerance", "boundary_tolerance_rule", "defect_classes", "defect_min_size", "instance_iou")
 _DATASET_KEYS = ("classes", "channels", "mask_encoding", "layout", "normalization", "ignore_index")
 
 def data_fingerprint(data,  # xarray Dataset from `load_dataset` or `matseg.train.JobData`
