@@ -38,6 +38,9 @@ requirements = [
     "nbformat>=5.9",
     "ipykernel>=6.25",
     "fastcore>=1.5,<2",
+    "dask>=2024.1",  # --cluster: the job grid on Dask distributed
+    "distributed>=2024.1",
+    "dask-jobqueue>=0.8",  # SLURM/PBS/LSF clusters
 ]
 dev_requirements = [
     "nbdev==2.4.14",
