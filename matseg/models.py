@@ -5,7 +5,9 @@
 # %% ../nbs/03_models.ipynb #532b8773
 from __future__ import annotations
 
+import contextlib
 import difflib
+import math
 import hashlib
 import inspect
 import json
@@ -20,16 +22,19 @@ import safetensors.torch
 import segmentation_models_pytorch as smp
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .core import MatsegError, atomic_path, atomic_write_json, resolve_device
 
+
 # %% auto #0
-__all__ = ['DECODERS', 'MODELS', 'LITE0', 'LITE0_ENCODER', 'IMAGENET_MEAN', 'IMAGENET_STD', 'CHECKPOINT_FORMAT', 'list_decoders',
-           'list_encoders', 'decoder_key', 'check_encoder', 'sha256_file', 'efficientnet_lite0_file',
-           'efficientnet_lite0_state_dict', 'weights_file', 'read_state_dict', 'load_state_into', 'hub_reachable',
-           'hub_files', 'cached_hub_file', 'input_stats', 'build_model', 'bn_safe_batches', 'save_checkpoint',
-           'load_checkpoint', 'encoder_features']
+__all__ = ['DECODERS', 'MODELS', 'LITE0', 'LITE0_ENCODER', 'IMAGENET_MEAN', 'IMAGENET_STD', 'HEADS', 'DEFAULT_HEAD',
+           'CHECKPOINT_FORMAT', 'list_decoders', 'list_encoders', 'decoder_key', 'check_encoder', 'sha256_file',
+           'efficientnet_lite0_file', 'efficientnet_lite0_state_dict', 'weights_file', 'read_state_dict',
+           'load_state_into', 'hub_reachable', 'hub_files', 'cached_hub_file', 'input_stats', 'check_head',
+           'HookedDropout', 'set_head', 'model_head', 'dirichlet_alpha', 'probs_from_logits', 'model_probs',
+           'mc_dropout', 'build_model', 'bn_safe_batches', 'save_checkpoint', 'load_checkpoint', 'encoder_features']
 
 # %% ../nbs/03_models.ipynb #6b9559cb
 DECODERS: dict[str, type[nn.Module]] = dict(smp.MODEL_ARCHITECTURES_MAPPING)
@@ -316,16 +321,121 @@ def _is_path(w) -> bool:
     return isinstance(w, os.PathLike) or (isinstance(w, str) and (
         os.sep in w or "/" in w or w.endswith(_WEIGHT_SUFFIXES) or Path(w).expanduser().exists()))
 
+# %% ../nbs/03_models.ipynb #4dcd3ed7
+HEADS: dict[str, str] = {  # head kind -> how its logits become class probabilities
+    "softmax": "softmax(logits / temperature)",
+    "evidential": "Dirichlet alpha = softplus(logits) + 1, p = alpha / sum(alpha) (Sensoy et al. 2018)",
+}
+DEFAULT_HEAD = {"kind": "softmax", "dropout": 0.0, "decoder_dropout": False, "temperature": 1.0}
+
+def check_head(cfg: dict | None,  # {'kind', 'dropout', 'decoder_dropout', 'temperature'} (missing keys: defaults)
+               source: str = "the model",  # where the settings come from (for messages)
+              ) -> dict:
+    "Validated head settings with every key; MatsegError naming the bad value and the valid ones."
+    if cfg is None: cfg = {}
+    if not isinstance(cfg, dict):
+        raise MatsegError(f"{source}: head must be a dict {sorted(DEFAULT_HEAD)}, not {type(cfg).__name__} {cfg!r}; "
+                          "restore the sidecar written by save_checkpoint")
+    unknown = sorted(set(cfg) - set(DEFAULT_HEAD))
+    if unknown:
+        raise MatsegError(f"{source}: head keys {unknown} are unknown (valid: {', '.join(DEFAULT_HEAD)}); "
+                          "restore the sidecar written by save_checkpoint")
+    out = {**DEFAULT_HEAD, **cfg}
+    if out["kind"] not in HEADS:
+        raise MatsegError(f"{source}: head {out['kind']!r} is unknown; use one of {', '.join(HEADS)}")
+    p, t = out["dropout"], out["temperature"]
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0 <= p < 1):
+        raise MatsegError(f"{source}: dropout {p!r} must be a number in [0, 1) (0: no dropout)")
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+        raise MatsegError(f"{source}: temperature {t!r} must be a finite number > 0 (1: unscaled)")
+    if not isinstance(out["decoder_dropout"], bool):
+        raise MatsegError(f"{source}: decoder_dropout {out['decoder_dropout']!r} must be true or false")
+    return {"kind": out["kind"], "dropout": float(p), "decoder_dropout": out["decoder_dropout"], "temperature": float(t)}
+
+class HookedDropout(nn.Dropout2d):
+    "Dropout2d applied by a forward hook on another module (its input or its output); no tensors of its own."
+    def pre_hook(self, module, args):
+        return (self(args[0]), *args[1:]) if args and torch.is_tensor(args[0]) and args[0].ndim == 4 else None
+    def post_hook(self, module, args, out):
+        return self(out) if torch.is_tensor(out) and out.ndim == 4 else out
+
+def _decoder_blocks(decoder: nn.Module) -> list[nn.Module]:
+    blocks = getattr(decoder, "blocks", None)
+    if isinstance(blocks, nn.ModuleDict): return list(blocks.values())
+    if isinstance(blocks, nn.ModuleList): return list(blocks)
+    return [m for m in decoder.children() if not isinstance(m, (nn.ModuleList, nn.ModuleDict, nn.Dropout, nn.Dropout2d))]
+
+def set_head(model: nn.Module,  # an smp model (from build_model)
+             cfg: dict,  # head settings (`check_head`)
+            ) -> nn.Module:
+    "Attach matseg's dropout modules (hooks) and record `model.matseg_head`; a model gets them once."
+    cfg = check_head(cfg)
+    if getattr(model, "matseg_dropout", None) is not None:
+        raise MatsegError("set_head: this model already has matseg dropout hooks; build a new model with build_model")
+    drops = []
+    if cfg["dropout"] > 0:
+        d = HookedDropout(cfg["dropout"]); model.segmentation_head.register_forward_pre_hook(d.pre_hook); drops.append(d)
+        if cfg["decoder_dropout"]:
+            for blk in _decoder_blocks(model.decoder):
+                d = HookedDropout(cfg["dropout"]); blk.register_forward_hook(d.post_hook); drops.append(d)
+    model.matseg_dropout = nn.ModuleList(drops)  # submodules: .train()/.eval() reach them; no state dict keys
+    model.matseg_head = cfg
+    return model
+
+def model_head(model: nn.Module) -> dict:
+    "The head settings of a model (`DEFAULT_HEAD` for one not built by build_model)."
+    return dict(getattr(model, "matseg_head", None) or DEFAULT_HEAD)
+
+def dirichlet_alpha(logits: torch.Tensor,  # (N, K, ...) evidential logits
+                   ) -> torch.Tensor:
+    "Dirichlet concentration alpha = softplus(logits) + 1 (evidence >= 0)."
+    return F.softplus(logits.float()) + 1.0
+
+def probs_from_logits(logits: torch.Tensor,  # (N, K, ...) model output
+                      head: str = "softmax",  # head kind
+                      temperature: float = 1.0,  # softmax temperature
+                     ) -> torch.Tensor:
+    "Class probabilities along dim 1 for a head kind."
+    if head == "evidential":
+        a = dirichlet_alpha(logits / temperature)
+        return a / a.sum(1, keepdim=True)
+    return (logits.float() / temperature).softmax(1)
+
+def model_probs(model: nn.Module,  # the model that produced `logits`
+                logits: torch.Tensor,  # its output (N, K, H, W)
+               ) -> torch.Tensor:
+    "Probabilities of a model's logits by its head (kind and temperature)."
+    h = model_head(model)
+    return probs_from_logits(logits, h["kind"], h["temperature"])
+
+@contextlib.contextmanager
+def mc_dropout(model: nn.Module,  # model with matseg dropout (`build_model(dropout=p)`)
+              ):
+    "Inside: every module in eval mode except matseg's dropout modules (stochastic); the training flags are restored after."
+    flags = {m: m.training for m in model.modules()}
+    model.eval()
+    for d in getattr(model, "matseg_dropout", []) or []: d.train()
+    try: yield model
+    finally:
+        for m, f in flags.items(): m.training = f
+
+
 # %% ../nbs/03_models.ipynb #30249562
 def build_model(encoder: str = "resnet18",  # smp encoder name or "tu-<timm model>"
                 decoder: str = "unet",  # smp architecture, see `list_decoders()`
                 in_channels: int = 1,  # image channels
                 classes: int = 2,  # output classes (logit channels)
                 weights: str | os.PathLike = "none",  # "none" | "imagenet" (or another set) | "lite0-imagenet" | path
+                *,
+                dropout: float = 0.0,  # Dropout2d p on the segmentation head's input (MC dropout); 0: plain smp model
+                decoder_dropout: bool = False,  # also Dropout2d(p) after each decoder block
+                head: str = "softmax",  # output interpretation, a key of `HEADS`
+                temperature: float = 1.0,  # softmax temperature (fitted by temperature scaling)
                 **kwargs,  # passed to the smp architecture (e.g. decoder_channels, encoder_depth)
                ) -> nn.Module:
-    "Build an smp model; records `model.matseg_arch` and `model.matseg_weights` (source, sha256, ...)."
+    "Build an smp model; records `model.matseg_arch`, `model.matseg_head` and `model.matseg_weights` (source, sha256, ...)."
     key, encoder = decoder_key(decoder), check_encoder(encoder)
+    head_cfg = check_head({"kind": head, "dropout": dropout, "decoder_dropout": decoder_dropout, "temperature": temperature})
     if int(in_channels) < 1 or int(classes) < 1:
         raise MatsegError(f"in_channels={in_channels}, classes={classes}: both must be positive integers")
     weights = "none" if weights in (None, "", False) else weights
@@ -374,7 +484,8 @@ def build_model(encoder: str = "resnet18",  # smp encoder name or "tu-<timm mode
         f = cached if cached is not None else cached_hub_file(encoder, str(weights))
         if f is not None: record.update(sha256=sha256_file(f), file=str(f))
     model.matseg_weights = record
-    return model
+    return set_head(model, head_cfg)
+
 
 # %% ../nbs/03_models.ipynb #6bc582ab
 def bn_safe_batches(n: int,  # training samples (crops) per epoch
@@ -393,6 +504,7 @@ def bn_safe_batches(n: int,  # training samples (crops) per epoch
 # %% ../nbs/03_models.ipynb #d15843a3
 CHECKPOINT_FORMAT = "matseg-checkpoint/1"
 _ARCH_KEYS = ("encoder", "decoder", "in_channels", "classes")
+_HEAD_ARGS = ("dropout", "decoder_dropout", "head", "temperature")  # build_model's own options, recorded in the sidecar's `head`
 
 def save_checkpoint(path: str | os.PathLike,  # destination, must end in .safetensors
                     model: nn.Module,  # model from build_model (or meta names its architecture)
@@ -410,6 +522,11 @@ def save_checkpoint(path: str | os.PathLike,  # destination, must end in .safete
                 raise MatsegError(f"save_checkpoint: meta[{k!r}]={meta[k]!r} contradicts the model ({arch[k]!r}); drop it from meta")
             meta[k] = arch[k]
         meta.setdefault("model_kwargs", arch["kwargs"])
+    if getattr(model, "matseg_head", None) is not None:
+        if "head" in meta and check_head(meta["head"]) != model.matseg_head:
+            raise MatsegError(f"save_checkpoint: meta['head']={meta['head']!r} contradicts the model ({model.matseg_head!r}); drop it from meta")
+        meta["head"] = dict(model.matseg_head)
+    else: meta["head"] = check_head(meta.get("head"), "save_checkpoint: meta['head']")
     missing = [k for k in _ARCH_KEYS if k not in meta]
     if missing:
         raise MatsegError(f"save_checkpoint: meta lacks {', '.join(missing)} and the model was not made by "
@@ -464,7 +581,7 @@ def load_checkpoint(path: str | os.PathLike,  # .safetensors file, its .json, or
         raise MatsegError(f"{side}: model_kwargs must be a dict of architecture options, not {type(kw).__name__} {kw!r}; "
                           "restore the sidecar written by save_checkpoint")
     allowed = set(inspect.signature(DECODERS[decoder_key(meta["decoder"])].__init__).parameters) - {
-        "self", "encoder_name", "encoder_weights", "in_channels", "classes", "kwargs"}
+        "self", "encoder_name", "encoder_weights", "in_channels", "classes", "kwargs", *_HEAD_ARGS}
     bad_kw = sorted(set(kw) - allowed)
     if bad_kw:
         raise MatsegError(f"{side}: model_kwargs {bad_kw} are not options of {meta['decoder']} (its options: "
@@ -473,7 +590,10 @@ def load_checkpoint(path: str | os.PathLike,  # .safetensors file, its .json, or
     if nonfinite:
         raise MatsegError(f"{p}: {len(nonfinite)} tensors hold non-finite values (NaN/inf), e.g. {nonfinite[:3]}; the "
                           "run that wrote it diverged or the file is corrupt: retrain the job (lower training.lr)")
-    model = build_model(meta["encoder"], meta["decoder"], meta["in_channels"], meta["classes"], weights="none", **kw)
+    head = check_head(meta.get("head"), f"{side}: head")  # sidecars of older matseg: the plain softmax model
+    model = build_model(meta["encoder"], meta["decoder"], meta["in_channels"], meta["classes"], weights="none",
+                        dropout=head["dropout"], decoder_dropout=head["decoder_dropout"], head=head["kind"],
+                        temperature=head["temperature"], **kw)
     want = model.state_dict()
     miss, extra = [k for k in want if k not in tensors], [k for k in tensors if k not in want]
     bad = [f"{k} {tuple(tensors[k].shape)} vs {tuple(v.shape)}" for k, v in want.items()
@@ -486,6 +606,7 @@ def load_checkpoint(path: str | os.PathLike,  # .safetensors file, its .json, or
     nn.Module.load_state_dict(model, tensors, strict=True)
     model.matseg_weights, model.matseg_meta = meta.get("weights"), meta
     return model.to(resolve_device(device)).eval(), meta
+
 
 # %% ../nbs/03_models.ipynb #70f5189f
 def _encoder(model):

@@ -5,6 +5,7 @@
 # %% ../nbs/05_train.ipynb #e168aa2e
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -14,20 +15,25 @@ from typing import Callable
 
 import numpy as np
 import torch
+from scipy import stats
 import torch.nn.functional as F
 from segmentation_models_pytorch.losses import DiceLoss
 from torch import nn
 
 from .data import tile_starts
 from .metrics import ConfusionMatrix, boundary_f1, scores
-from .models import bn_safe_batches
+from .models import bn_safe_batches, dirichlet_alpha, mc_dropout, model_head, model_probs, probs_from_logits
 
 from .core import MatsegError
 
+
 # %% auto #0
-__all__ = ['LOSSES', 'OPTIMIZERS', 'SCHEDULERS', 'seed_everything', 'get_rng_state', 'set_rng_state', 'split_tensors',
-           'CropSampler', 'inverse_frequency_weights', 'CEDiceLoss', 'make_loss', 'make_optimizer', 'EarlyStopping',
-           'predict_tiled', 'evaluate', 'JobData', 'prepare_data', 'train_step']
+__all__ = ['LOSSES', 'OPTIMIZERS', 'SCHEDULERS', 'UNCERTAINTY_METHODS', 'UNCERTAINTY_MEASURE', 'seed_everything', 'get_rng_state',
+           'set_rng_state', 'split_tensors', 'CropSampler', 'inverse_frequency_weights', 'entropy',
+           'uncertainty_weighted_ce', 'dirichlet_kl_uniform', 'evidential_loss', 'CEDiceLoss', 'make_loss',
+           'make_optimizer', 'EarlyStopping', 'predict_tiled', 'check_method', 'uncertainty_default',
+           'predict_uncertainty_tiled', 'evaluate', 'Calibration', 'fit_temperature_logits', 'fit_temperature',
+           'calibrate', 'JobData', 'prepare_data', 'train_step']
 
 # %% ../nbs/05_train.ipynb #8fa67ff2
 def seed_everything(seed: int,  # the job's seed
@@ -132,41 +138,126 @@ def inverse_frequency_weights(masks: torch.Tensor,  # training masks (N, H, W), 
     if (counts == 0).any(): w[counts == 0] = w[counts > 0].max()
     return (w / w.mean()).float()
 
+def _pixel_mean(values: torch.Tensor,  # (N, H, W) per-pixel loss
+                target: torch.Tensor,  # (N, H, W) class indices
+                weight: torch.Tensor | None,  # per-class weights (or None)
+                ignore_index: int | None,  # label to skip
+                extra: torch.Tensor | None = None,  # (N, H, W) further per-pixel weights (detached)
+               ) -> torch.Tensor:
+    "sum(w * values) / sum(w) over labelled pixels, w = class weight of the target x `extra` (PyTorch's weighted CE mean)."
+    valid = torch.ones_like(target, dtype=torch.bool) if ignore_index is None else target != ignore_index
+    w = valid.to(values.dtype)
+    if weight is not None: w = w * weight.to(values.device, values.dtype)[torch.where(valid, target, 0)]
+    if extra is not None: w = w * extra
+    return (values * w).sum() / w.sum().clamp_min(1e-12)
+
+def entropy(p: torch.Tensor,  # probabilities along `dim`
+            dim: int = 1,  # class dimension
+           ) -> torch.Tensor:
+    "Shannon entropy in nats, -sum p log p (0 log 0 = 0)."
+    return -(p * p.clamp_min(1e-12).log()).sum(dim)
+
+def uncertainty_weighted_ce(logits: torch.Tensor,  # (N, K, H, W)
+                            target: torch.Tensor,  # (N, H, W)
+                            weight: torch.Tensor | None = None,  # per-class weights
+                            ignore_index: int | None = None,  # label to skip
+                           ) -> torch.Tensor:
+    "Cross-entropy with per-pixel weights exp(-u), u = H(p) / log K (detached): pixels the model is unsure of weigh less."
+    K = logits.shape[1]
+    with torch.no_grad():
+        u = entropy(logits.float().softmax(1)) / math.log(K) if K > 1 else torch.zeros_like(logits[:, 0])
+    ce = F.cross_entropy(logits.float(), torch.where(target == ignore_index, 0, target) if ignore_index is not None else target,
+                         reduction="none")
+    return _pixel_mean(ce, target, weight, ignore_index, torch.exp(-u))
+
+def dirichlet_kl_uniform(alpha: torch.Tensor,  # (N, K, ...) concentrations > 0
+                         dim: int = 1,  # class dimension
+                        ) -> torch.Tensor:
+    "KL(Dir(alpha) || Dir(1, ..., 1)) per position."
+    K, S = alpha.shape[dim], alpha.sum(dim, keepdim=True)
+    return (torch.lgamma(S).squeeze(dim) - math.lgamma(K) - torch.lgamma(alpha).sum(dim)
+            + ((alpha - 1) * (torch.digamma(alpha) - torch.digamma(S))).sum(dim))
+
+def evidential_loss(logits: torch.Tensor,  # (N, K, H, W) evidential logits
+                    target: torch.Tensor,  # (N, H, W) class indices
+                    kl_weight: float = 1.0,  # annealing coefficient of the KL term, min(1, epoch / anneal)
+                    weight: torch.Tensor | None = None,  # per-class weights
+                    ignore_index: int | None = None,  # label to skip
+                    uncertainty: bool = False,  # weigh pixels by exp(-vacuity) (detached)
+                   ) -> torch.Tensor:
+    "Sensoy et al. (2018) eq. 5 per pixel: sum_k (y-p)^2 + p(1-p)/(S+1), plus kl_weight * KL(Dir(alpha~) || Dir(1))."
+    K = logits.shape[1]
+    t = torch.where(target == ignore_index, 0, target) if ignore_index is not None else target
+    alpha = dirichlet_alpha(logits); S = alpha.sum(1, keepdim=True); p = alpha / S
+    y = F.one_hot(t.long(), K).permute(0, 3, 1, 2).to(p.dtype)
+    mse = ((y - p) ** 2 + p * (1 - p) / (S + 1)).sum(1)
+    kl = dirichlet_kl_uniform(y + (1 - y) * alpha) if kl_weight > 0 else torch.zeros_like(mse)
+    extra = torch.exp(-(K / S.squeeze(1))).detach() if uncertainty else None
+    return _pixel_mean(mse + kl_weight * kl, target, weight, ignore_index, extra)
+
 class CEDiceLoss(nn.Module):
-    "Cross-entropy + multiclass soft Dice (segmentation_models_pytorch), the paper's loss; `ignore_index` pixels count in neither."
+    "Cross-entropy (or the evidential loss) + multiclass soft Dice (segmentation_models_pytorch); `ignore_index` pixels count in neither."
     def __init__(self, weight: torch.Tensor | None = None,  # per-class CE weights
                  ce: bool = True,  # include the cross-entropy term
                  dice: bool = True,  # include the Dice term
                  *,
                  ignore_index: int | None = None,  # target label to skip (the dataset's, e.g. 255)
+                 head: str = "softmax",  # "evidential": the CE slot holds `evidential_loss`, Dice sees p = alpha / S
+                 anneal: int = 10,  # epochs over which the evidential KL weight rises from 0 to 1
+                 uncertainty: bool = False,  # pixels the model is unsure of weigh less (exp(-u))
                 ):
         super().__init__()
-        self.ignore_index = ignore_index
+        self.ignore_index, self.weight, self.head, self.anneal, self.uncertainty = ignore_index, weight, head, int(anneal), uncertainty
+        self.epoch = 0
         self.ce = nn.CrossEntropyLoss(weight=weight, ignore_index=-100 if ignore_index is None else ignore_index) if ce else None
         self.dice = DiceLoss("multiclass", from_logits=True, ignore_index=ignore_index) if dice else None
+
+    def set_epoch(self, epoch: int):
+        "The 0-based epoch now trained (the evidential KL weight is min(1, epoch / anneal))."
+        self.epoch = int(epoch)
+
+    @property
+    def kl_weight(self) -> float: return min(1.0, self.epoch / self.anneal)
 
     def forward(self, logits, target):
         logits = logits.float()
         if self.ignore_index is not None and not bool((target != self.ignore_index).any()):
             return (logits * 0).sum()  # a batch with no labelled pixel: zero loss, zero gradient (CE would be NaN)
-        loss = self.ce(logits, target) if self.ce is not None else 0.0
-        return loss + self.dice(logits, target) if self.dice is not None else loss
+        loss = 0.0
+        if self.ce is not None:
+            if self.head == "evidential":
+                loss = evidential_loss(logits, target, self.kl_weight, self.weight, self.ignore_index, self.uncertainty)
+            elif self.uncertainty: loss = uncertainty_weighted_ce(logits, target, self.weight, self.ignore_index)
+            else: loss = self.ce(logits, target)
+        if self.dice is not None:  # log p: Dice's softmax gives back p = alpha / S exactly
+            z = probs_from_logits(logits, "evidential").log() if self.head == "evidential" else logits
+            loss = loss + self.dice(z, target)
+        return loss
 
-LOSSES: dict[str, Callable] = {  # (class weights, ignore_index) -> loss module
-    "ce+dice": lambda w, ig=None: CEDiceLoss(w, ignore_index=ig),
-    "ce": lambda w, ig=None: CEDiceLoss(w, dice=False, ignore_index=ig),
-    "dice": lambda w, ig=None: CEDiceLoss(None, ce=False, ignore_index=ig),
+LOSSES: dict[str, Callable] = {  # (class weights, ignore_index, **options) -> loss module
+    "ce+dice": lambda w, ig=None, **kw: CEDiceLoss(w, ignore_index=ig, **kw),
+    "ce": lambda w, ig=None, **kw: CEDiceLoss(w, dice=False, ignore_index=ig, **kw),
+    "dice": lambda w, ig=None, **kw: CEDiceLoss(None, ce=False, ignore_index=ig, **kw),
 }
 
 def make_loss(name: str,  # a key of LOSSES
               weight: torch.Tensor | None = None,  # class weights for the CE term
               *,
               ignore_index: int | None = None,  # target label that the loss skips (the dataset's ignore_index)
+              head: str = "softmax",  # the model's head kind ("softmax" | "evidential")
+              anneal: int = 10,  # evidential KL annealing epochs
+              uncertainty: bool = False,  # uncertainty-aware weighting of the per-pixel term
              ) -> nn.Module:
-    "Build a loss from the `LOSSES` registry."
+    "Build a loss from the `LOSSES` registry; refuses option combinations that would silently do nothing."
     if name not in LOSSES:
         raise MatsegError(f"training.loss = {name!r} is not a known loss; use one of {', '.join(LOSSES)}")
-    return LOSSES[name](weight, ignore_index)
+    if name == "dice" and (head == "evidential" or uncertainty):
+        what = "training.head = 'evidential' needs the evidential term" if head == "evidential" else \
+               "training.uncertainty_loss weighs the per-pixel term"
+        raise MatsegError(f"{what}, which takes the place of cross-entropy; training.loss = 'dice' has none: "
+                          "use loss 'ce+dice' or 'ce'")
+    return LOSSES[name](weight, ignore_index, head=head, anneal=anneal, uncertainty=uncertainty)
+
 
 # %% ../nbs/05_train.ipynb #d1a0086a
 OPTIMIZERS: dict[str, Callable] = {
@@ -223,7 +314,7 @@ def predict_tiled(model: nn.Module,  # segmentation model, in eval mode
                   batch_size: int = 8,  # tiles per forward pass
                   amp: bool = False,  # bf16 autocast (CUDA)
                  ) -> torch.Tensor:
-    "Class probabilities (K, H, W) of a full image by sliding-window inference."
+    "Class probabilities (K, H, W) of a full image by sliding-window inference (by the model's head: `matseg.models.model_probs`)."
     dev = next(model.parameters()).device
     _, H, W = image.shape
     size = min(size, H, W)
@@ -234,10 +325,105 @@ def predict_tiled(model: nn.Module,  # segmentation model, in eval mode
         x = torch.stack([image[:, y:y + size, x:x + size] for y, x in chunk]).to(dev)
         if dev.type == "cuda": x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-            p = model(x).float().softmax(1)
+            p = model_probs(model, model(x).float())  # softmax(z / T), or alpha / S for an evidential head
         for (y, x0), pi in zip(chunk, p):
             acc[:, y:y + size, x0:x0 + size] += pi; cnt[:, y:y + size, x0:x0 + size] += 1
     return acc / cnt
+
+
+# %% ../nbs/05_train.ipynb #a581bdc3
+UNCERTAINTY_METHODS = {  # method -> what it computes
+    "softmax": "one deterministic pass: mean_prob, entropy",
+    "mc": "T passes with only matseg's dropout stochastic, batched: mean_prob, entropy, mutual_information, variance",
+    "evidential": "one pass of an evidential head: mean_prob, entropy, vacuity",
+}
+UNCERTAINTY_MEASURE = {"softmax": "entropy", "mc": "entropy", "evidential": "vacuity"}  # default map scored against errors
+
+def check_method(model: nn.Module,  # the model
+                 method: str,  # a key of UNCERTAINTY_METHODS
+                 samples: int = 20,  # MC passes
+                ) -> str:
+    "`method` if the model supports it, else MatsegError saying which option the model needs."
+    if method not in UNCERTAINTY_METHODS:
+        raise MatsegError(f"uncertainty method {method!r} is unknown; use one of {', '.join(UNCERTAINTY_METHODS)}")
+    h = model_head(model)
+    if method == "evidential" and h["kind"] != "evidential":
+        raise MatsegError("method 'evidential' needs a model trained with training.head = 'evidential' (this one has a "
+                          f"{h['kind']} head); use --method mc (with training.dropout > 0) or softmax")
+    if method == "mc" and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 1):
+        raise MatsegError(f"samples = {samples!r}: MC dropout needs an integer number of passes >= 1 (e.g. 20)")
+    return method
+
+def uncertainty_default(model: nn.Module) -> str:
+    "The method a model's training options call for: evidential head -> 'evidential', dropout > 0 -> 'mc', else 'softmax'."
+    h = model_head(model)
+    return "evidential" if h["kind"] == "evidential" else "mc" if h["dropout"] > 0 else "softmax"
+
+@torch.no_grad()
+def predict_uncertainty_tiled(model: nn.Module,  # segmentation model (eval mode; its flags are restored)
+                              image: torch.Tensor,  # (C, H, W) model input
+                              n_classes: int,  # output channels
+                              size: int,  # tile side
+                              overlap: int = 64,  # tile overlap in pixels
+                              method: str = "mc",  # see UNCERTAINTY_METHODS
+                              samples: int = 20,  # MC passes T
+                              batch_size: int | None = None,  # images per forward pass (default: all T of a tile)
+                              amp: bool = False,  # bf16 autocast (CUDA)
+                             ) -> dict[str, torch.Tensor]:
+    "Uncertainty maps of a full image: {'mean_prob', 'entropy', ...} (see the table above)."
+    method = check_method(model, method, samples)
+    T = samples if method == "mc" else 1
+    bs = max(1, int(batch_size or T))
+    dev = next(model.parameters()).device
+    _, H, W = image.shape
+    size = min(size, H, W)
+    pos = [(y, x) for y in tile_starts(H, size, overlap) for x in tile_starts(W, size, overlap)]
+    K = n_classes
+    m1 = torch.zeros(K, H, W, device=dev); cnt = torch.zeros(1, H, W, device=dev)
+    m2 = torch.zeros(K, H, W, device=dev) if method == "mc" else None
+    mh = torch.zeros(1, H, W, device=dev) if method == "mc" else None
+    sa = torch.zeros(1, H, W, device=dev) if method == "evidential" else None
+    h = model_head(model)
+    ctx = mc_dropout(model) if method == "mc" else contextlib.nullcontext()
+    was = model.training
+    model.eval()
+    try:
+        with ctx:
+            for y0, x0 in pos:
+                tile = image[:, y0:y0 + size, x0:x0 + size].to(dev)[None]
+                s1 = torch.zeros(K, size, size, device=dev); s2 = torch.zeros_like(s1) if m2 is not None else None
+                sh = torch.zeros(size, size, device=dev); p0 = None
+                for s in range(0, T, bs):
+                    x = tile.expand(min(bs, T - s), -1, -1, -1).contiguous()
+                    if dev.type == "cuda": x = x.contiguous(memory_format=torch.channels_last)
+                    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+                        z = model(x).float()
+                    if method == "evidential":
+                        a = dirichlet_alpha(z / h["temperature"]); p = a / a.sum(1, keepdim=True)
+                        sa[:, y0:y0 + size, x0:x0 + size] += a.sum(1)
+                    else: p = model_probs(model, z)
+                    if s2 is not None:  # moments about the first sample: identical samples give exactly 0 variance
+                        p0 = p[0].clone() if p0 is None else p0
+                        d = p - p0; s1 += d.sum(0); s2 += (d * d).sum(0); sh += entropy(p).sum(0)
+                    else: s1 += p.sum(0)
+                sl = (slice(None), slice(y0, y0 + size), slice(x0, x0 + size))
+                cnt[sl] += 1
+                if m2 is None: m1[sl] += s1 / T
+                else:
+                    mt = p0 + s1 / T
+                    m1[sl] += mt; m2[sl] += (s2 / T - (s1 / T) ** 2).clamp_min(0)
+                    mh[sl] += (entropy(mt, 0) - sh / T).clamp_min(0)[None]
+    finally:
+        model.train(was)
+    mean = m1 / cnt
+    out = {"mean_prob": mean, "entropy": entropy(mean, 0)}
+    if method == "mc":
+        out["mutual_information"] = (mh / cnt)[0]
+        out["variance"] = m2 / cnt
+    if method == "evidential":
+        out["vacuity"] = K / (sa / cnt)[0]
+    return out
+
 
 # %% ../nbs/05_train.ipynb #d79c57ad
 def evaluate(model: nn.Module,  # segmentation model
@@ -277,6 +463,190 @@ def evaluate(model: nn.Module,  # segmentation model
         res["boundary_f1_per_class"] = bf.tolist()
         res["boundary_f1"] = float(np.nanmean(fg)) if np.isfinite(fg).any() else math.nan
     return res, preds
+
+# %% ../nbs/05_train.ipynb #29306557
+class Calibration:
+    "Streaming ECE (top-label and per class), reliability bins and the AUROC of an uncertainty for finding errors."
+    def __init__(self, n_classes: int,  # number of classes K
+                 n_bins: int = 15,  # equal-width confidence bins
+                 ignore_index: int | None = None,  # target label skipped
+                 max_pixels: int = 2**20,  # cap of the uniform pixel sample the AUROC is computed on exactly
+                 seed: int = 0,  # seed of the sample's keys
+                ):
+        if int(n_classes) < 1 or int(n_bins) < 1 or int(max_pixels) < 1:
+            raise MatsegError(f"Calibration(n_classes={n_classes}, n_bins={n_bins}, max_pixels={max_pixels}): all must be >= 1")
+        self.K, self.n_bins, self.ignore_index, self.max_pixels = int(n_classes), int(n_bins), ignore_index, int(max_pixels)
+        self.top = torch.zeros(3, self.n_bins + 1, dtype=torch.float64)  # count, sum conf, sum correct
+        self.cls = torch.zeros(3, self.K, self.n_bins + 1, dtype=torch.float64)
+        self.n, self.unc_sum = 0, 0.0
+        self.gen = torch.Generator().manual_seed(int(seed))
+        self._keys = torch.zeros(0); self._score = torch.zeros(0, dtype=torch.float64); self._wrong = torch.zeros(0, dtype=torch.bool)
+
+    def _bins(self, conf: torch.Tensor) -> torch.Tensor:
+        edges = torch.linspace(0, 1, self.n_bins + 1, dtype=conf.dtype, device=conf.device)
+        return (torch.bucketize(conf, edges, right=True) - 1).clamp(0, self.n_bins)
+
+    def update(self, probs: torch.Tensor,  # (K, H, W) or (N, K, H, W) class probabilities
+               target: torch.Tensor,  # (H, W) or (N, H, W) class indices
+               uncertainty: torch.Tensor | None = None,  # (H, W) / (N, H, W) score for the AUROC (default 1 - max p)
+              ) -> "Calibration":
+        "Add one image (or a batch)."
+        p = torch.as_tensor(probs).detach().cpu()
+        if p.ndim == 3: p = p[None]
+        t = torch.as_tensor(target).detach().cpu().long().reshape(p.shape[0], *p.shape[2:])
+        if p.ndim != 4 or p.shape[1] != self.K:
+            raise MatsegError(f"Calibration.update: probabilities of shape {tuple(p.shape)}, expected (N, {self.K}, H, W)")
+        if not bool(torch.isfinite(p).all()) or bool((p < 0).any()) or bool((p > 1).any()):
+            raise MatsegError("Calibration.update: probabilities must be finite and in [0, 1] (got NaN/inf or values "
+                              "outside); pass softmax outputs, not logits")
+        p = p.movedim(1, -1).reshape(-1, self.K); t = t.reshape(-1)
+        u = None if uncertainty is None else torch.as_tensor(uncertainty).detach().cpu().reshape(-1).double()
+        if u is not None and (u.numel() != t.numel() or not bool(torch.isfinite(u).all())):
+            raise MatsegError(f"Calibration.update: the uncertainty map has {u.numel()} values for {t.numel()} pixels "
+                              "(or non-finite values); give one finite value per pixel")
+        keep = t != self.ignore_index if self.ignore_index is not None else torch.ones_like(t, dtype=torch.bool)
+        if bool((t[keep] >= self.K).any() or (t[keep] < 0).any()):
+            raise MatsegError(f"Calibration.update: target labels outside 0..{self.K - 1} (and not ignore_index)")
+        p, t = p[keep], t[keep]
+        if u is not None: u = u[keep]
+        if not len(t): return self
+        conf, pred = p.max(1)
+        right = (pred == t).double()
+        b = self._bins(conf)
+        for i, v in enumerate((torch.ones_like(right), conf.double(), right)): self.top[i].index_add_(0, b, v)
+        bk = self._bins(p) + torch.arange(self.K) * (self.n_bins + 1)  # (M, K) flat bin index per class
+        onehot = F.one_hot(t, self.K).double()
+        flat = self.cls.reshape(3, -1)
+        for i, v in enumerate((torch.ones_like(onehot), p.double(), onehot)): flat[i].index_add_(0, bk.reshape(-1), v.reshape(-1))
+        score = (1 - conf.double()) if u is None else u
+        self.n += len(t); self.unc_sum += float(score.sum())
+        keys = torch.rand(len(t), generator=self.gen)
+        k, s, w = torch.cat([self._keys, keys]), torch.cat([self._score, score]), torch.cat([self._wrong, right == 0])
+        if len(k) > self.max_pixels:
+            idx = torch.topk(k, self.max_pixels, largest=False).indices
+            k, s, w = k[idx], s[idx], w[idx]
+        self._keys, self._score, self._wrong = k, s, w
+        return self
+
+    def ece(self) -> float:
+        "Top-label expected calibration error (NaN before any pixel)."
+        c, sc, sa = self.top
+        return float((sa - sc).abs().sum() / c.sum()) if self.n else math.nan
+
+    def ece_per_class(self) -> list[float]:
+        "Per class k: the ECE of p_k against [truth = k]."
+        c, sc, sa = self.cls
+        return ((sa - sc).abs().sum(1) / c.sum(1)).tolist() if self.n else [math.nan] * self.K
+
+    def auroc(self) -> float:
+        "AUROC of the uncertainty for the misclassified pixels of the sample (NaN without both kinds)."
+        w = self._wrong.numpy(); n1 = int(w.sum()); n0 = len(w) - n1
+        if n1 == 0 or n0 == 0: return math.nan
+        r = stats.rankdata(self._score.numpy())
+        return float((r[w].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+    def reliability(self) -> dict:
+        "Top-label reliability bins: edges, count, mean confidence and accuracy per bin (NaN where empty)."
+        c, sc, sa = self.top
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return {"edges": np.linspace(0, 1, self.n_bins + 1).tolist(), "count": c.numpy().tolist(),
+                    "confidence": (sc / c).numpy().tolist(), "accuracy": (sa / c).numpy().tolist()}
+
+    def result(self) -> dict:
+        "Everything as plain JSON: ece, ece_per_class, uncertainty_auroc, mean_uncertainty, counts and the sample size."
+        return {"ece": self.ece(), "ece_per_class": self.ece_per_class(), "uncertainty_auroc": self.auroc(),
+                "mean_uncertainty": self.unc_sum / self.n if self.n else math.nan, "n_pixels": self.n,
+                "auroc_pixels": int(len(self._keys)), "n_bins": self.n_bins, "reliability": self.reliability()}
+
+
+# %% ../nbs/05_train.ipynb #8fff9a9d
+def _nll(z: torch.Tensor, y: torch.Tensor, head: str, temperature) -> torch.Tensor:
+    if head == "evidential":
+        a = dirichlet_alpha(z / temperature)
+        return -(a.gather(1, y[:, None]).log() - a.sum(1, keepdim=True).log()).mean()
+    return F.cross_entropy(z / temperature, y)
+
+def fit_temperature_logits(z: torch.Tensor,  # (M, K) logits of labelled pixels
+                           y: torch.Tensor,  # (M,) their classes
+                           head: str = "softmax",  # head kind
+                          ) -> dict:
+    "The T minimising the NLL of the pixels: {'temperature', 'nll_before', 'nll_after', 'n_pixels'}."
+    z, y = z.detach().double().cpu(), y.detach().long().cpu()
+    if not len(y): raise MatsegError("fit_temperature: no labelled validation pixel; temperature scaling needs labels")
+    if not bool(torch.isfinite(z).all()): raise MatsegError("fit_temperature: the logits are not finite; the model diverged")
+    t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([t], lr=1.0, max_iter=100, tolerance_grad=1e-10, tolerance_change=1e-12,
+                            line_search_fn="strong_wolfe")
+    def closure():
+        opt.zero_grad(); loss = _nll(z, y, head, t.exp()); loss.backward(); return loss
+    with torch.enable_grad(): opt.step(closure)
+    T = float(t.exp())
+    if not math.isfinite(T) or T <= 0: raise MatsegError(f"fit_temperature: the fit gave T = {T}; keep temperature_scaling off")
+    with torch.no_grad():
+        return {"temperature": T, "nll_before": float(_nll(z, y, head, 1.0)), "nll_after": float(_nll(z, y, head, T)),
+                "n_pixels": int(len(y))}
+
+@torch.no_grad()
+def fit_temperature(model: nn.Module,  # model (eval mode)
+                    images: torch.Tensor,  # (N, C, H, W) validation model inputs
+                    masks: torch.Tensor,  # (N, H, W)
+                    size: int,  # tile side
+                    *,
+                    ignore_index: int | None = None,  # label skipped
+                    max_pixels: int = 2**20,  # cap of the uniform pixel sample
+                    seed: int = 0,  # seed of the sample
+                    amp: bool = False,  # bf16 autocast
+                   ) -> dict:
+    "Fit the softmax temperature on a split (non-overlapping tiles, capped uniform pixel sample)."
+    dev = next(model.parameters()).device; was = model.training; model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    keys, zs, ys = torch.zeros(0), torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
+    try:
+        for img, msk in zip(images, masks):
+            _, H, W = img.shape; s = min(size, H, W)
+            for y0 in tile_starts(H, s, 0):
+                for x0 in tile_starts(W, s, 0):
+                    x = img[None, :, y0:y0 + s, x0:x0 + s].to(dev)
+                    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+                        z = model(x).float()[0]
+                    z = z.reshape(z.shape[0], -1).T.cpu(); t = msk[y0:y0 + s, x0:x0 + s].reshape(-1).long().cpu()
+                    keep = t != ignore_index if ignore_index is not None else torch.ones_like(t, dtype=torch.bool)
+                    z, t = z[keep], t[keep]
+                    k = torch.rand(len(t), generator=gen)
+                    keys, zs, ys = torch.cat([keys, k]), (torch.cat([zs, z]) if zs.numel() else z), torch.cat([ys, t])
+                    if len(keys) > max_pixels:
+                        idx = torch.topk(keys, max_pixels, largest=False).indices
+                        keys, zs, ys = keys[idx], zs[idx], ys[idx]
+    finally:
+        model.train(was)
+    return fit_temperature_logits(zs, ys, model_head(model)["kind"])
+
+def calibrate(model: nn.Module,  # model (eval mode)
+              images: torch.Tensor,  # (N, C, H, W) model inputs
+              masks: torch.Tensor,  # (N, H, W)
+              n_classes: int,  # classes
+              size: int,  # tile side
+              overlap: int = 64,  # tile overlap
+              method: str | None = None,  # None: `uncertainty_default(model)`
+              samples: int = 20,  # MC passes
+              *,
+              measure: str | None = None,  # map scored against errors (default UNCERTAINTY_MEASURE[method])
+              ignore_index: int | None = None,  # label skipped
+              max_pixels: int = 2**20,  # AUROC sample cap
+              amp: bool = False,  # bf16 autocast
+             ) -> dict:
+    "Calibration of a split (`Calibration.result()`) with the method and measure used."
+    method = check_method(model, method or uncertainty_default(model), samples)
+    measure = measure or UNCERTAINTY_MEASURE[method]
+    cal = Calibration(n_classes, ignore_index=ignore_index, max_pixels=max_pixels)
+    for img, msk in zip(images, masks):
+        u = predict_uncertainty_tiled(model, img, n_classes, size, overlap, method, samples, amp=amp)
+        if measure not in u:
+            raise MatsegError(f"uncertainty measure {measure!r} is not a map of method {method!r} (its maps: {', '.join(u)})")
+        cal.update(u["mean_prob"].cpu(), msk.cpu(), u[measure].cpu())
+    return {**cal.result(), "method": method, "measure": measure, "samples": samples if method == "mc" else 1,
+            "temperature": model_head(model)["temperature"]}
+
 
 # %% ../nbs/05_train.ipynb #e01d11d6
 class JobData:
