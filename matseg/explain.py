@@ -17,6 +17,8 @@ from typing import Callable
 import numpy as np
 import torch
 import xarray as xr
+from numpy.lib.stride_tricks import sliding_window_view
+from scipy.ndimage import distance_transform_cdt
 from torch import nn
 
 from .core import MatsegError, atomic_path, atomic_write_json, cli_parser, resolve_device
@@ -24,9 +26,9 @@ from .data import read_image, read_mask
 from .runs import TrainedJob
 
 # %% auto #0
-__all__ = ['KERNELS', 'register_kernel', 'occlude', 'blur', 'noise', 'get_kernel', 'region_mask', 'bbox', 'kernel_grid',
-           'counterfactual_heatmap', 'naive_heatmap', 'upsample', 'perturbation_validation', 'colorize', 'overlay_png',
-           'parse_region', 'cli_explain']
+__all__ = ['KERNELS', 'MATCHING_RULE', 'register_kernel', 'occlude', 'blur', 'noise', 'get_kernel', 'region_mask', 'bbox',
+           'kernel_grid', 'counterfactual_heatmap', 'naive_heatmap', 'upsample', 'patch_strata',
+           'perturbation_validation', 'colorize', 'overlay_png', 'parse_region', 'cli_explain']
 
 # %% ../nbs/08_explain.ipynb #31640d2b
 KERNELS: dict[str, Callable] = {}
@@ -695,45 +697,125 @@ def _pick(cands, k: int, patch: int) -> list[tuple[int, int]]:
         if len(out) == k: break
     return out
 
+_STRATA = {-1: "outside A, gap > patch", 0: "outside A, gap <= patch", 1: "overlaps A by (0, 25%]",
+           2: "overlaps A by (25, 50%]", 3: "overlaps A by (50, 75%]", 4: "overlaps A by (75, 100%]"}
+MATCHING_RULE = ("each null draw blurs as many patches as the top-k, drawn from the heatmap's own grid, one per top "
+                 "patch from the same stratum: overlap fraction with A binned in quarters (0, 25%], …, (75, 100%]; "
+                 "a patch outside A by its chessboard gap to A (<= patch side or farther); patches of one draw do "
+                 "not overlap each other; when a stratum has no free patch left the nearest stratum is used "
+                 "(counted in 'widened')")
+
+def patch_strata(A: np.ndarray,  # boolean (H, W) region
+                 starts: np.ndarray,  # (n, 2) patch starts (y, x)
+                 patch: int,  # patch side
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    "Per patch: overlap fraction with A, chessboard gap to A (0 when overlapping), stratum (a key of `_STRATA`)."
+    starts = np.asarray(starts, np.int64).reshape(-1, 2)
+    y, x = starts[:, 0], starts[:, 1]
+    ii = np.pad(A.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))  # integral image
+    frac = (ii[y + patch, x + patch] - ii[y, x + patch] - ii[y + patch, x] + ii[y, x]) / patch ** 2
+    dist = distance_transform_cdt(~A, metric="chessboard")  # 0 on A, 1 next to it
+    win = sliding_window_view(sliding_window_view(dist, patch, axis=0).min(-1), patch, axis=1).min(-1)
+    gap = win[y, x]
+    stratum = np.where(frac > 0, np.ceil(frac * 4 - 1e-9).clip(1, 4), np.where(gap <= patch, 0, -1)).astype(int)
+    return frac, gap, stratum
+
+def _matched_draw(rng: np.random.Generator, cand: np.ndarray, strata: np.ndarray, want, patch: int):
+    "One null draw: per wanted stratum a random free candidate of it (or of the nearest stratum); (starts, widened)."
+    free, out, widened = np.ones(len(cand), bool), [], 0
+    for s in want:
+        pick = None
+        for d in range(0, 6):
+            for t in ([s] if d == 0 else rng.permutation([s - d, s + d])):
+                idx = np.flatnonzero(free & (strata == t))
+                if len(idx): pick = int(rng.choice(idx)); break
+            if pick is not None: break
+        if pick is None: break
+        widened += d > 0
+        y, x = cand[pick]
+        out.append((int(y), int(x)))
+        free &= (np.abs(cand[:, 0] - y) >= patch) | (np.abs(cand[:, 1] - x) >= patch)
+    return out, widened
+
 def perturbation_validation(model: nn.Module,  # the explained model
                             image,  # the explained image
                             region,  # the explained region (as given to counterfactual_heatmap)
                             heatmap: xr.DataArray,  # its heatmap
                             top_k: int = 5,  # patches blurred in each arm
-                            seed: int = 0,  # seed of the random background patches
+                            seed: int = 0,  # seed of the null draws
                             device=None, classes: list[str] | None = None,
+                            *,
+                            n_draws: int = 100,  # random matched draws forming the null distribution
+                            batch_size: int = 16,  # blurred images per forward pass
+                            alpha: float = 0.05,  # `passed` is p_value <= alpha
                            ) -> dict:
-    "Blur the top-k influential vs k random background patches; change of the prediction inside A for each."
+    "Blur the heatmap's top-k patches vs `n_draws` matched random sets of k patches: change inside A, its p-value."
+    if int(top_k) < 1 or int(n_draws) < 1 or int(batch_size) < 1 or not 0 < float(alpha) < 1:
+        raise MatsegError(f"top_k={top_k}, n_draws={n_draws}, batch_size={batch_size}, alpha={alpha}: need "
+                          "top_k, n_draws, batch_size >= 1 and 0 < alpha < 1")
     x = _as_image(image)
     C, H, W = x.shape
-    patch, stride = heatmap.attrs["patch"], heatmap.attrs["stride"]
+    patch, stride = int(heatmap.attrs["patch"]), int(heatmap.attrs["stride"])
+    if (heatmap.attrs.get("image_height"), heatmap.attrs.get("image_width")) != (H, W):
+        raise MatsegError(f"the heatmap was made on a {heatmap.attrs.get('image_width')}×"
+                          f"{heatmap.attrs.get('image_height')} image but this image is {W}×{H}; validate it on its own image")
+    vals = np.asarray(heatmap.values, np.float64)
+    if not np.isfinite(vals).all():
+        raise MatsegError(f"the heatmap has {int((~np.isfinite(vals)).sum())} non-finite values; recompute it")
     c = (patch - 1) / 2
-    order = np.argsort(-heatmap.values, axis=None, kind="stable")
-    iy, ix = np.unravel_index(order, heatmap.shape)
-    top = _pick(zip(np.asarray(heatmap.y)[iy] - c, np.asarray(heatmap.x)[ix] - c), top_k, patch)
+    gy, gx = np.meshgrid(np.rint(np.asarray(heatmap.y) - c), np.rint(np.asarray(heatmap.x) - c), indexing="ij")
+    cand = np.stack([gy.ravel(), gx.ravel()], 1).astype(np.int64)  # the heatmap's grid: the candidate pool
+    top = _pick(cand[np.argsort(-vals, axis=None, kind="stable")], int(top_k), patch)
     with _eval_on(model, device) as (dev, dtype), torch.inference_mode(), _autocast(dev):
         x = x.to(dev, dtype)
         Z = _probs(model, x[None])[0]
         A = region_mask(region, (H, W), Z, classes)
-        ys, xs = kernel_grid(H, W, patch, stride)
-        bg = [(y, xx) for y in ys for xx in xs if not A[y:y + patch, xx:xx + patch].any()]
-        if not bg:
-            raise MatsegError("the region leaves no background patch outside it; use a smaller region or patch")
+        frac, gap, strata = patch_strata(A, cand, patch)
+        pos = {tuple(p): i for i, p in enumerate(cand.tolist())}
+        want = [int(strata[pos[p]]) for p in top]
         rng = np.random.default_rng(seed)
-        rand = _pick([bg[i] for i in rng.permutation(len(bg))], len(top), patch)
-        fill, At = blur(x, patch).to(dtype), torch.from_numpy(A).to(dev)
-        label = Z.argmax(0)
+        draws, widened = [], 0
+        for _ in range(int(n_draws)):
+            d, w = _matched_draw(rng, cand, strata, want, patch)
+            draws.append(d); widened += w
+        if min(len(d) for d in draws) < len(top):
+            raise MatsegError(f"the heatmap's grid has too few non-overlapping patches for {len(top)} matched random "
+                              "patches; use a smaller top_k or patch, or a heatmap over a larger area")
+        x0, y0, x1, y1 = bbox(A)
+        fill, Ac = blur(x, patch).to(dtype), torch.from_numpy(A[y0:y1, x0:x1]).to(dev)
+        Zc, nA = Z[:, y0:y1, x0:x1], float(A.sum())
+        label = Zc.argmax(0)
 
-        def arm(starts):
-            m = torch.zeros(H, W, dtype=torch.bool, device=dev)
-            for y, xx in starts: m[y:y + patch, xx:xx + patch] = True
-            Zp = _probs(model, torch.where(m, fill, x)[None])[0]
-            return {"change": float(((Zp - Z).abs() * At).sum() / At.sum()),
-                    "flipped": float(((Zp.argmax(0) != label) & At).sum() / At.sum()),
-                    "patches": [[xx, y, xx + patch, y + patch] for y, xx in starts]}
-        inf, rnd = arm(top), arm(rand)
-    return {"top_k": len(top), "influential": inf, "random": rnd,
-            "ratio": inf["change"] / rnd["change"] if rnd["change"] > 0 else float("inf")}
+        def effects(sets):  # (change, flipped) per set of patch starts, batched
+            ch, fl = [], []
+            for s in range(0, len(sets), int(batch_size)):
+                chunk = sets[s:s + int(batch_size)]
+                m = torch.zeros(len(chunk), 1, H, W, dtype=torch.bool, device=dev)
+                for b, starts in enumerate(chunk):
+                    for yy, xx in starts: m[b, 0, yy:yy + patch, xx:xx + patch] = True
+                Zp = _probs(model, torch.where(m, fill, x))[:, :, y0:y1, x0:x1]
+                ch += (((Zp - Zc).abs() * Ac).sum((1, 2, 3)) / nA).double().cpu().tolist()
+                fl += (((Zp.argmax(1) != label) & Ac).sum((1, 2)) / nA).double().cpu().tolist()
+            return np.array(ch), np.array(fl)
+        ch, fl = effects([top] + draws)
+    obs, null, nfl = float(ch[0]), ch[1:], fl[1:]
+    med = float(np.median(null))
+    p = (1 + int((null >= obs).sum())) / (1 + len(null))
+    arm = lambda starts, i: {"change": float(ch[i]), "flipped": float(fl[i]),  # noqa: E731
+                             "patches": [[xx, yy, xx + patch, yy + patch] for yy, xx in starts],
+                             "strata": [_STRATA[int(strata[pos[s]])] for s in starts]}
+    return {"top_k": len(top), "influential": arm(top, 0), "random": arm(draws[0], 1),
+            "ratio": obs / med if med > 0 else (float("inf") if obs > 0 else 1.0),
+            "p_value": p, "null_percentile": float(100 * ((null < obs).mean() + 0.5 * (null == obs).mean())),
+            "n_draws": len(null), "alpha": float(alpha), "passed": bool(p <= alpha),
+            "null": {"median": med, "p05": float(np.quantile(null, 0.05)), "p95": float(np.quantile(null, 0.95)),
+                     "mean": float(null.mean()), "flipped_median": float(np.median(nfl))},
+            "null_changes": null.tolist(),
+            "matching": {"rule": MATCHING_RULE, "top_strata": [_STRATA[s] for s in want],
+                         "widened": int(widened), "candidates": int(len(cand)),
+                         "top_overlap": [float(frac[pos[s]]) for s in top]},
+            "seed": int(seed), "statistic": "mean |Z' - Z| over A's pixels (L1 over classes), blur kernel"}
+
 
 # %% ../nbs/08_explain.ipynb #35b7f408
 _INFERNO = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], np.float32)
@@ -792,12 +874,16 @@ def cli_explain(argv: list[str] | None = None,  # arguments after `matseg explai
     ap.add_argument("--margin", type=int, default=None, help="only kernel centres within the region's box dilated by M")
     ap.add_argument("--batch-size", type=int, default=64, help="perturbed copies per forward pass (default 64)")
     ap.add_argument("--validate", type=int, default=5, metavar="K",
-                    help="blur the top-K patches vs K random background patches (0: skip; default 5)")
+                    help="blur the top-K patches vs matched random sets of K patches (0: skip; default 5)")
+    ap.add_argument("--draws", type=int, default=100, metavar="N",
+                    help="random matched draws of the validation's null distribution (default 100)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the noise kernel and the random patches")
     ap.add_argument("--mode", default="exact", choices=["exact", "fast", "naive", "batched"],
                     help="exact (default; incremental inference on CPU, same map as naive), fast (coarse-to-fine, "
                     "carries its measured error), naive (reference loop), batched")
     a = ap.parse_args(argv)
+    if a.validate < 0 or (a.validate and a.draws < 1):
+        raise MatsegError(f"--validate {a.validate} --draws {a.draws}: need --validate >= 0 (0 skips) and --draws >= 1")
     if not Path(a.image).is_file(): raise MatsegError(f"image {a.image} does not exist; give an image file")
     tj = TrainedJob.open(a.checkpoint, device=a.device)
     model, meta = tj.model, tj.meta
@@ -812,7 +898,8 @@ def cli_explain(argv: list[str] | None = None,  # arguments after `matseg explai
     with torch.inference_mode():
         Z = _probs(model, x[None].to(next(model.parameters()).device))[0].float().cpu()
     A = region_mask(region, tuple(x.shape[-2:]), Z, names)
-    val = perturbation_validation(model, x, A, hm, top_k=a.validate, seed=a.seed) if a.validate > 0 else None
+    val = perturbation_validation(model, x, A, hm, top_k=a.validate, seed=a.seed, n_draws=a.draws,
+                                  batch_size=min(a.batch_size, 16)) if a.validate > 0 else None
     hm.attrs.update(checkpoint=str(a.checkpoint), image=str(a.image), region=a.region,
                     encoder=meta["encoder"], decoder=meta["decoder"])
     out = Path(a.out)
@@ -823,6 +910,7 @@ def cli_explain(argv: list[str] | None = None,  # arguments after `matseg explai
     atomic_write_json(out / "explain.json", {"attrs": dict(hm.attrs), "validation": val,
                                              "max_location": {"y": float(hm.y[iy]), "x": float(hm.x[ix])}})
     msg = f"{hm.attrs['n_locations']} locations in {hm.attrs['seconds']:.1f} s"
-    if val: msg += f"; top-{val['top_k']} vs random patch change ratio {val['ratio']:.2f}"
+    if val: msg += (f"; top-{val['top_k']} patches vs {val['n_draws']} matched random draws: p = {val['p_value']:.3g} "
+                    f"(percentile {val['null_percentile']:.0f}, change ratio {val['ratio']:.2f})")
     print(f"matseg explain: {msg}; wrote {out / 'heatmap.nc'}, {out / 'overlay.png'}, {out / 'explain.json'}")
     return 0

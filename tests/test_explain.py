@@ -8,12 +8,13 @@ import pytest
 import torch
 import xarray as xr
 from PIL import Image
+from scipy import stats
 from torch import nn
 
 from matseg.cli import main
 from matseg.core import MatsegError
 from matseg.explain import (KERNELS, cli_explain, counterfactual_heatmap, get_kernel, kernel_grid, naive_heatmap,
-                            perturbation_validation, region_mask, upsample)
+                            patch_strata, perturbation_validation, region_mask, upsample)
 from matseg.models import build_model, save_checkpoint
 
 torch.set_num_threads(2)
@@ -188,17 +189,102 @@ def test_upsample():
     assert upsample(hm, (20, 20)).shape == (20, 20)
 
 
-def test_perturbation_validation_prefers_influential_patches():
-    model, img = _local_model(), torch.rand(1, 48, 48, dtype=torch.float64)
-    region = (20, 20, 28, 28)
-    hm = counterfactual_heatmap(model, img, region, patch=6, stride=3)
-    v = perturbation_validation(model, img, region, hm, top_k=3, seed=0)
-    assert v["top_k"] == 3 and len(v["random"]["patches"]) == 3
-    A = region_mask(region, (48, 48))
-    for x0, y0, x1, y1 in v["random"]["patches"]: assert not A[y0:y1, x0:x1].any()
-    assert v["influential"]["change"] > 0.01 and v["ratio"] > 10
-    with pytest.raises(MatsegError, match="background"):
-        perturbation_validation(model, img, (0, 0, 48, 48), hm, top_k=3)
+def _far_model(shift=28, seed=0):
+    "A wide, known receptive field: the output at (y, x) depends mostly on the input at (y, x + shift)."
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(8, 3, (1, 2), dilation=(1, shift))
+    with torch.no_grad(): conv.weight[..., 0] *= 0.1  # the local tap is weak
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.Tanh(), nn.ZeroPad2d((0, shift, 0, 0)), conv).double().eval()
+
+
+@pytest.fixture(scope="module")
+def far_case():
+    model = _far_model()
+    img = torch.rand(1, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    region = (8, 24, 20, 36)
+    return model, img, region, counterfactual_heatmap(model, img, region, patch=8, stride=4)
+
+
+def _grid(hm):
+    c = (hm.attrs["patch"] - 1) / 2
+    return np.stack(np.meshgrid(hm.y.values - c, hm.x.values - c, indexing="ij"), -1).reshape(-1, 2).astype(int)
+
+
+def test_validation_wide_receptive_field_passes(far_case):
+    """The map of a model whose output in A depends on a distant region points there, and its top patches beat
+    the matched null; the reported statistics agree with the null sample they come from."""
+    model, img, region, hm = far_case
+    iy, ix = np.unravel_index(int(np.argmax(hm.values)), hm.shape)
+    assert 24 <= float(hm.y[iy]) < 36 and 36 <= float(hm.x[ix]) < 48  # A = x 8..20, y 24..36, shifted by 28
+    v = perturbation_validation(model, img, region, hm, top_k=3, n_draws=60, seed=3)
+    null = np.asarray(v["null_changes"])
+    assert v["n_draws"] == len(null) == 60 and v["passed"] and v["alpha"] == 0.05
+    assert v["p_value"] == (1 + (null >= v["influential"]["change"]).sum()) / 61 == 1 / 61
+    assert v["null_percentile"] == pytest.approx(stats.percentileofscore(null, v["influential"]["change"], kind="mean"))
+    assert v["null"]["median"] == pytest.approx(np.median(null)) and v["null"]["p95"] == pytest.approx(np.quantile(null, .95))
+    med = np.median(null)  # most far patches cannot reach A at all: the median may be 0 (ratio inf)
+    assert v["ratio"] == (v["influential"]["change"] / med if med > 0 else np.inf) and v["ratio"] > 5
+    # every top patch lies in the shifted copy of A, far from A: so are the matched random ones
+    A = region_mask(region, (64, 64))
+    for arm in ("influential", "random"):
+        boxes = v[arm]["patches"]
+        assert v[arm]["strata"] == ["outside A, gap > patch"] * 3
+        for x0, y0, x1, y1 in boxes: assert not A[max(0, y0 - 8):y1 + 8, max(0, x0 - 8):x1 + 8].any()
+        for a, b in [(a, b) for a in boxes for b in boxes if a < b]:  # no two patches of an arm overlap
+            assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1]
+    for x0, y0, x1, y1 in v["influential"]["patches"]: assert x0 + 8 > 36 and x0 < 48 and y0 + 8 > 24 and y0 < 36
+    # the influential arm's change, by hand: blur the three patches, mean L1 change of softmax over A
+    fill, xp = KERNELS["blur"](img, 8), img.clone()
+    for x0, y0, x1, y1 in v["influential"]["patches"]: xp[:, y0:y1, x0:x1] = fill[:, y0:y1, x0:x1]
+    with torch.no_grad():
+        Z, Zp = torch.softmax(model(img[None]), 1)[0], torch.softmax(model(xp[None]), 1)[0]
+    assert v["influential"]["change"] == pytest.approx(float((Zp - Z).abs().sum(0)[torch.from_numpy(A)].mean()), rel=1e-6)
+    # seeded: the same seed gives the same null, another seed another one
+    assert perturbation_validation(model, img, region, hm, top_k=3, n_draws=60, seed=3)["null_changes"] == v["null_changes"]
+    assert perturbation_validation(model, img, region, hm, top_k=3, n_draws=60, seed=4)["null_changes"] != v["null_changes"]
+
+
+def test_validation_random_maps_fail(far_case):
+    "Random heatmaps: the top-k of a random map is one more matched draw, so p-values spread over (0, 1]."
+    model, img, region, hm = far_case
+    ps = np.array([perturbation_validation(model, img, region, hm.copy(data=np.random.default_rng(s).random(hm.shape)),
+                                           top_k=3, n_draws=40, seed=100 + s)["p_value"] for s in range(20)])
+    assert (ps <= 0.05).mean() <= 0.2 and np.median(ps) > 0.2  # under the null P(p <= a) <= a; 20 maps
+    assert (ps > 0.5).sum() >= 5
+
+
+def test_validation_overlap_indicator_fails(far_case):
+    "The trivial map 'patch overlaps A' (which the old background-only comparison rewarded) no longer passes."
+    model, img, region, hm = far_case
+    frac, gap, strata = patch_strata(region_mask(region, (64, 64)), _grid(hm), 8)
+    assert ((frac > 0) == (strata > 0)).all() and ((gap == 0) == (frac > 0)).all()
+    real = perturbation_validation(model, img, region, hm, top_k=3, n_draws=60)
+    for name, m in {"indicator": frac > 0, "overlap": frac, "closeness": -gap.astype(float)}.items():
+        ind = perturbation_validation(model, img, region, hm.copy(data=m.reshape(hm.shape).astype(float)),
+                                      top_k=3, n_draws=60)
+        assert all(s.startswith("overlaps") for s in ind["matching"]["top_strata"]), name
+        assert not ind["passed"] and ind["p_value"] > 0.1 and ind["null_percentile"] < real["null_percentile"] - 20, name
+
+
+def test_patch_strata_oracle():
+    A = np.zeros((20, 20), bool); A[8:12, 8:12] = True
+    starts = np.array([[8, 8], [6, 6], [0, 0], [4, 12], [12, 12], [10, 10]])
+    frac, gap, strata = patch_strata(A, starts, 4)
+    np.testing.assert_allclose(frac, [1, 4 / 16, 0, 0, 0, 4 / 16])
+    assert list(gap) == [0, 0, 5, 1, 1, 0] and list(strata) == [4, 1, -1, 0, 0, 1]
+
+
+def test_validation_errors(far_case):
+    model, img, region, hm = far_case
+    with pytest.raises(MatsegError, match="n_draws"): perturbation_validation(model, img, region, hm, n_draws=0)
+    with pytest.raises(MatsegError, match="top_k"): perturbation_validation(model, img, region, hm, top_k=0)
+    with pytest.raises(MatsegError, match="non-finite"):
+        perturbation_validation(model, img, region, hm.where(hm.y > 10), top_k=3)
+    with pytest.raises(MatsegError, match="own image"): perturbation_validation(model, img[:, :48], region, hm)
+    small = counterfactual_heatmap(model, img, region, patch=8, stride=4, margin=0)  # 3×3 centres inside A's box
+    v = perturbation_validation(model, img, region, small, top_k=8, n_draws=5)
+    assert v["top_k"] == len(v["influential"]["patches"]) == len(v["random"]["patches"]) < 8  # as many as fit
+    assert v["matching"]["candidates"] == small.size
 
 
 @pytest.fixture(scope="module")
