@@ -5,11 +5,13 @@
 # %% ../nbs/06_benchmark.ipynb #1344e934
 from __future__ import annotations
 
+import argparse
 import io
 import os
 import re
 import sys
 import tempfile
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -19,11 +21,13 @@ import torch
 from ipykernel.kernelspec import KERNEL_NAME, make_ipkernel_cmd, write_kernel_spec
 from PIL import Image
 
+from .cluster import cluster_client, parse_cluster, run_grid
 from .core import MatsegError, asset_path, atomic_write_bytes, atomic_write_json, check_out_dir, cli_parser
 from .profile import apply_overrides, compile_profile, load_profile
 from .report import report_best_jobs
 from .runs import (HISTORY, RunLock, TrainedJob, job_dir, notebook_file, prepare_grid, run_jobs, write_summary)
 from .train import evaluate
+
 
 # %% auto #0
 __all__ = ['TEMPLATE', 'bench_profile', 'run_dataset', 'training_curves', 'run_notebook', 'dataset_finished', 'run_bench',
@@ -125,6 +129,8 @@ def run_bench(profile_path: str | Path,  # profile JSON
               report: bool = True,  # build the feedback report of the best job of each dataset
               report_images: int = 2,  # test images shown (with heatmaps) in each report
               rerun: bool = False,  # retrain jobs whose specification changed (old folders go to OUT/superseded)
+              client=None,  # a `dask.distributed.Client`: every job is one task there (None: serial, in the notebooks)
+              retries: int = 2,  # with `client`: extra attempts of a job that raised
              ) -> dict:
     "The whole benchmark: one papermill notebook per dataset, the run's summary, then the feedback reports."
     out_dir = check_out_dir(out_dir)
@@ -134,9 +140,10 @@ def run_bench(profile_path: str | Path,  # profile JSON
         if n not in names: raise MatsegError(f"--datasets {n!r}: no such dataset in {profile_path}; datasets: {', '.join(names)}")
     names = [n for n in names if not datasets or n in datasets]
     with RunLock(out_dir, command=f"matseg bench {profile_path} --out {out_dir}"):
-        prepare_grid(profile, out_dir, names, rerun)  # refuses (or supersedes) jobs of another spec before any compute
-        notebooks = {}
-        for n in names:
+        jobs, specs = prepare_grid(profile, out_dir, names, rerun)  # refuses (or supersedes) jobs of another spec before any compute
+        notebooks, failed = {}, []
+
+        def notebook(n: str):
             nb = notebook_file(out_dir, n)
             if nb.exists() and dataset_finished(profile, n, out_dir):
                 print(f"{n}: every job finished with this specification and {nb} exists; skipped (delete the notebook "
@@ -144,13 +151,22 @@ def run_bench(profile_path: str | Path,  # profile JSON
                 notebooks[n] = nb
             else:
                 notebooks[n] = run_notebook(profile_path, n, out_dir, device, overrides)
-        out = {"notebooks": notebooks, **write_summary(out_dir)}  # every job finished in this folder
+
+        if client is None:
+            for n in names: notebook(n)
+        else:  # the jobs run on the cluster; a dataset's notebook runs here once all its jobs are done (it trains nothing)
+            failed = run_grid(client, jobs, out_dir, specs, device, retries, profile.name, on_dataset=notebook)["failed"]
+        out = {"notebooks": notebooks, "failed": failed, **write_summary(out_dir)}  # every job finished in this folder
         if report: out["reports"] = report_best_jobs(out_dir, n_images=report_images, device=device)
     return out
 
+def _retries(text: str) -> int:
+    if not text.isdigit(): raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0")
+    return int(text)
+
 def cli_bench(argv: list[str] | None = None,  # arguments after `matseg bench`
              ) -> int:
-    "`matseg bench PROFILE --out DIR`: train and compare every encoder × decoder × seed per dataset."
+    "`matseg bench PROFILE --out DIR [--cluster SPEC]`: train and compare every encoder × decoder × seed per dataset."
     ap = cli_parser("bench", "Benchmark every encoder x decoder x seed of a profile: one executed notebook per dataset "
                     "(papermill), results.nc/.csv, tables, heatmap, recommendation, feedback reports. Rerun to resume; "
                     "finished jobs with the same specification are reused.", profile="positional",
@@ -160,15 +176,36 @@ def cli_bench(argv: list[str] | None = None,  # arguments after `matseg bench`
                     "(their old folders move to OUT/superseded/); without it such jobs are refused")
     ap.add_argument("--no-report", action="store_true", help="skip the feedback report (masks, OOD QC, heatmaps)")
     ap.add_argument("--report-images", type=int, default=2, help="test images (with heatmaps) per report")
+    ap.add_argument("--cluster", metavar="SPEC", help="run the jobs on Dask: local[:N] (this machine: one worker per GPU, "
+                    "else N single-threaded CPU workers), tcp://HOST:PORT (a running scheduler), slurm|pbs|lsf|sge or "
+                    "FILE.yaml (dask-jobqueue); see the docs page 'Running on a cluster'")
+    ap.add_argument("--retries", type=_retries, default=2, help="with --cluster: extra attempts of a job that raised "
+                    "(default 2); a job that still fails is reported and the others are kept")
     a = ap.parse_args(argv)
-    out = run_bench(a.profile, a.out, a.device, a.overrides, a.datasets, not a.no_report, a.report_images, a.rerun)
+    if a.cluster: parse_cluster(a.cluster)  # a bad SPEC is refused before anything starts
+    if a.cluster and a.device.startswith("cuda:"):
+        raise MatsegError(f"--device {a.device} with --cluster: each worker sees only its own GPU, so a GPU index means "
+                          "nothing there; use --device cuda or auto")
+    elif a.retries != 2: raise MatsegError("--retries applies to --cluster runs only; add --cluster local (or another SPEC)")
+    with RunLock(check_out_dir(a.out), command=f"matseg bench {a.profile} --out {a.out}"):  # before a cluster starts
+        with cluster_client(a.cluster, a.device) if a.cluster else nullcontext() as client:
+            out = run_bench(a.profile, a.out, a.device, a.overrides, a.datasets, not a.no_report, a.report_images,
+                            a.rerun, client, a.retries)
     tables = Path(a.out) / "tables"
     print((tables / "recommendations.md").read_text())
     print(f"notebooks: {', '.join(str(p) for p in out['notebooks'].values())}")
     print(f"results:   {out['nc']}  {out['csv']}\ntables:    {tables}/ (all_combinations, best_per_dataset, jobs, "
           f"recommendations, iou_heatmap.html)")
     for p in out.get("reports", []): print(f"report:    {p}")
+    for f in out["failed"]:
+        print(f"\nFAILED {f['job']}: {f['error']}\n{f['traceback']}", file=sys.stderr)
+    if out["failed"]:
+        print(f"matseg bench: {len(out['failed'])} job(s) failed (tracebacks above and in OUT/<dataset>/<job>/failure.txt); "
+              "the tables cover the jobs that finished; rerun the same command to run only the missing jobs",
+              file=sys.stderr)
+        return 1
     return 0
+
 
 # %% ../nbs/06_benchmark.ipynb #4956c57c
 def _stem(file: str, sample: str) -> str:
