@@ -23,10 +23,11 @@ from .profile import apply_overrides, load_profile
 
 # %% auto #0
 __all__ = ['IMAGE_EXTS', 'MASK_DIR_SUFFIXES', 'IMAGENET_MEAN', 'IMAGENET_STD', 'read_image', 'read_mask', 'decode_mask',
-           'CocoImage', 'Sample', 'dataset_root', 'discover_splits', 'split_counts', 'read_volume', 'pair_files',
-           'read_coco', 'coco_images', 'coco_mask', 'check_finite', 'normalize', 'imagenet_normalize', 'read_sample',
-           'read_samples', 'load_dataset', 'dataset_classes', 'dataset_ignore_index', 'overlay', 'class_fraction',
-           'tile_starts', 'tile', 'stitch', 'summarize_dataset', 'summarize', 'summary_table', 'cli_data']
+           'CocoImage', 'Sample', 'dataset_root', 'discover_splits', 'split_counts', 'sample_groups', 'read_volume',
+           'pair_files', 'read_coco', 'coco_images', 'coco_mask', 'check_finite', 'normalize', 'imagenet_normalize',
+           'read_sample', 'read_samples', 'load_dataset', 'dataset_classes', 'dataset_ignore_index', 'overlay',
+           'class_fraction', 'tile_starts', 'tile', 'stitch', 'summarize_dataset', 'summarize', 'summary_table',
+           'cli_data']
 
 # %% ../nbs/01_data.ipynb #5231d0ba
 IMAGE_EXTS = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp", ".npy")
@@ -369,6 +370,14 @@ def _groups(names: list[str], pattern: str, spec) -> dict[str, str]:
                           f"{', '.join(map(repr, miss[:10]))}{more}, so their split group is unknown; fix the pattern "
                           "(it is searched in the image stem) or rename or remove those files")
     return out
+
+def sample_groups(names: list[str],  # sample names (image stems)
+                  spec,  # the dataset's `DatasetSpec`
+                 ) -> list[str]:
+    "The group of each sample: `layout.group`'s match (e.g. one slice or spot), or the sample itself when no group is set."
+    if not spec.layout.group: return list(names)
+    g = _groups(list(names), spec.layout.group, spec)
+    return [g[n] for n in names]
 
 def _volume_shape(path: Path) -> tuple[int, ...]:
     if path.suffix.lower() == ".npy":

@@ -9,21 +9,27 @@ import json
 import hashlib
 import io
 import math
+import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+import torch
+from scipy import ndimage
+from sklearn.exceptions import ConvergenceWarning
 
 from .core import MatsegError, atomic_path, atomic_write_json, atomic_write_text, cli_parser, write_csv
+from .data import sample_groups
 from .models import encoder_features
 from .profile import apply_overrides, load_profile
 from .runs import TrainedJob
 
 # %% auto #0
-__all__ = ['PRDC_NAMES', 'DETECTORS', 'knn_radii', 'prdc_statistics', 'GMMDetector', 'OCSVMDetector', 'KDEDetector',
-           'make_detector', 'nearest_index', 'Forte', 'evaluate_ood', 'readiness', 'model_fingerprint', 'hf_features',
-           'mask_features', 'FeatureCache', 'auto_k', 'tile_images', 'cli_ood', 'qc_split', 'threshold_interval',
-           'qc_protocol']
+__all__ = ['PRDC_NAMES', 'DETECTORS', 'SHIFTS', 'SHIFT_LEVELS', 'QC_FEATURES', 'knn_radii', 'prdc_statistics', 'GMMDetector',
+           'OCSVMDetector', 'KDEDetector', 'make_detector', 'nearest_index', 'Forte', 'evaluate_ood', 'readiness',
+           'model_fingerprint', 'hf_features', 'mask_features', 'FeatureCache', 'auto_k', 'tile_images', 'qc_split',
+           'threshold_interval', 'qc_protocol', 'synthetic_shift', 'qc_tile', 'qc_embed', 'qc_run', 'qc_lines',
+           'cli_ood']
 
 # %% ../nbs/07_ood.ipynb #e6741e4c
 def _as_points(x, name: str = "features") -> np.ndarray:
@@ -482,87 +488,6 @@ def tile_images(images, # (N, C, H, W) array or list of (C, H, W) arrays of any 
                 crops.append(np.asarray(im[..., y:y + size, x:x + size])); src.append(n); pos.append((y, x))
     return crops, np.array(src), np.array(pos).reshape(-1, 2)
 
-def _split_ref(ref: str, default_split: str) -> tuple[str, list[str]]:
-    name, _, splits = ref.partition(":")
-    return name, [s for s in (splits or default_split).split(",") if s]
-
-def _dataset_spec(profile, name: str):
-    for d in profile.datasets:
-        if d.name == name: return d
-    raise MatsegError(f"dataset {name!r} is not in the profile; datasets: {', '.join(d.name for d in profile.datasets)}")
-
-def _load_images(tj, profile, ref: str, default_split: str) -> tuple[list[str], list[np.ndarray]]:
-    "Model tensors (as numpy) of a profile dataset (NAME[:SPLIT]) or of image files, through the job's input pipeline."
-    name, splits = _split_ref(ref, default_split)
-    if any(d.name == name for d in profile.datasets):
-        sp = tj.load_split(splits, None if name == tj.dataset else _dataset_spec(profile, name).name)
-        return sp["names"], list(sp["x"].numpy())
-    p = Path(ref)
-    if not p.exists():
-        raise MatsegError(f"{ref!r} is neither a dataset of the profile ({', '.join(d.name for d in profile.datasets)}) "
-                          "nor an existing image file or folder")
-    files = [p] if p.is_file() else sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith("."))
-    if not files: raise MatsegError(f"--test folder {p} contains no files")
-    return [f.name for f in files], [tj.prepare(f).numpy() for f in files]
-
-def cli_ood(argv: list[str] | None = None, # command-line arguments after `matseg ood`
-           ) -> int:
-    "`matseg ood`: Forte typicality of test images vs a model's ID training data; writes scores CSVs + summary.json."
-    ap = cli_parser("ood", cli_ood.__doc__, profile="optional", out="output folder")
-    ap.add_argument("checkpoint", help="trained checkpoint (checkpoint.safetensors or its job folder); its encoder "
-                    "embeds the images, prepared by its own input pipeline")
-    ap.add_argument("--id", required=True, help="ID data: DATASET[:SPLIT[,SPLIT]] (default split: train)")
-    ap.add_argument("--test", required=True, help="test data: DATASET[:SPLIT] (default split: test) or an image file/folder")
-    ap.add_argument("--detector", default="gmm", choices=list(DETECTORS))
-    ap.add_argument("--mode", default="single", choices=["batch", "single"],
-                    help="single (default): each image scored on its own, as in deployment; batch: the paper's query-set radii")
-    ap.add_argument("--k", type=int, default=None, help="nearest neighbours; default: 5 (the paper) for whole images, "
-                    "2 x crops per image + 1 for crops, so neighbourhoods reach beyond one image's own crops")
-    ap.add_argument("--tile", type=int, default=256, help="crop size in pixels; 0 = whole images (default 256)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--cache", default=None, help="feature cache folder (content-keyed; default: none)")
-    a = ap.parse_args(argv)
-    prof = load_profile(a.profile) if a.profile else None
-    if prof is not None and a.overrides: prof = apply_overrides(prof, a.overrides)
-    tj = TrainedJob.open(a.checkpoint, prof, a.device)
-    profile = tj.profile
-    id_names, id_imgs = _load_images(tj, profile, a.id, "train")
-    te_names, te_imgs = _load_images(tj, profile, a.test, "test")
-    fid = f"encoder:{model_fingerprint(tj.model)}:mean+std:{json.dumps(tj.pipeline.stats)}"
-    cache = FeatureCache(a.cache) if a.cache else None
-
-    def embed(imgs):
-        crops, src, pos = tile_images(imgs, a.tile)
-        run = lambda x: tj.features(x)
-        if cache is None and len({c.shape for c in crops}) == 1: return run(np.stack(crops)), src, pos
-        f = [cache([c], run, fid)[0] if cache else run(c[None])[0] for c in crops]
-        return np.stack(f), src, pos
-
-    Fi, gi, _ = embed(id_imgs)
-    Ft, gt, pt = embed(te_imgs)
-    k = a.k or auto_k(len(Fi), len(id_imgs))
-    forte = Forte(a.detector, k=k, seed=a.seed).fit(Fi, groups=gi)
-    st = forte.score(Ft, a.mode)
-    m = evaluate_ood(forte.id_scores_, st, forte.threshold_)
-    rd = readiness(m, profile.task.deployment_threshold)
-    out = Path(a.out)
-    write_csv(out / "tiles.csv", ["image", "y", "x", "score", "typical"],
-              [[te_names[g], y, x, f"{s:.6g}", int(s >= forte.threshold_)] for g, (y, x), s in zip(gt, pt, st)])
-    rows = []
-    for g, name in enumerate(te_names):
-        s = st[gt == g]
-        rows.append([name, f"{s.mean():.6g}", f"{(s >= forte.threshold_).mean():.4g}", len(s), int(s.mean() >= forte.threshold_)])
-    write_csv(out / "scores.csv", ["image", "score", "typical_fraction", "n_tiles", "typical"], rows)
-    summary = dict(auroc=m["auroc"], fpr95=m["fpr95"], auprc=m["auprc"], f1=m["f1"], precision=m["precision"],
-                   threshold=forte.threshold_, ready=rd["ready"], detector=a.detector, mode=a.mode, k=k,
-                   required_auroc=rd["required_auroc"], max_f1=m["max_f1"], unit=f"tile{a.tile}" if a.tile else "image",
-                   n_id_points=len(Fi), n_id_heldout=m["n_id"], n_test_points=m["n_test"],
-                   id=a.id, test=a.test, checkpoint=str(a.checkpoint), input=tj.pipeline.to_dict())
-    atomic_write_json(out / "summary.json", summary)
-    print(f"OOD {a.test} vs {a.id}: AUROC {m['auroc']:.3f}  FPR95 {m['fpr95']:.3f}  "
-          f"{'READY' if rd['ready'] else 'NOT READY'} (needs AUROC > {rd['required_auroc']}) -> {out}")
-    return 0
-
 # %% ../nbs/07_ood.ipynb #2003c204
 def qc_split(groups, # (N,) group label of each ID image
              heldout: float = 0.5, # fraction of groups held out as ID test images
@@ -584,17 +509,19 @@ def threshold_interval(scores, # (M,) held-out ID scores (crops)
                        min_groups: int = 3, # fewest held-out groups for a threshold
                        seed: int = 0, # bootstrap seed
                       ) -> dict:
-    "The `quantile` of held-out ID scores with a 95% bootstrap interval over groups — or how many groups/points it needs."
+    "The `quantile` of held-out ID scores, a 95% bootstrap interval over groups and the leave-one-group-out ID pass rate — or how many groups/points it needs."
     s, g = np.asarray(scores, float), np.asarray(groups)
     u = np.unique(g); need_pts = int(math.ceil(1 / quantile))
     if len(u) < min_groups or len(s) < need_pts:
-        return dict(threshold=None, low=None, high=None, n_groups=len(u), n_points=len(s),
+        return dict(threshold=None, low=None, high=None, n_groups=len(u), n_points=len(s), loo_pass_rate=None,
                     needs=f"needs >= {min_groups} held-out ID groups and >= {need_pts} held-out points for the "
                           f"{quantile:g} quantile; has {len(u)} groups, {len(s)} points: add ID images from more groups")
     rng = np.random.default_rng(seed); by = [s[g == x] for x in u]
     boot = [np.quantile(np.concatenate([by[i] for i in rng.integers(0, len(u), len(u))]), quantile) for _ in range(n_boot)]
+    loo = [float(np.mean(by[i] >= np.quantile(np.concatenate(by[:i] + by[i + 1:]), quantile))) for i in range(len(u))]
     return dict(threshold=float(np.quantile(s, quantile)), low=float(np.quantile(boot, 0.025)),
-                high=float(np.quantile(boot, 0.975)), n_groups=len(u), n_points=len(s), needs=None)
+                high=float(np.quantile(boot, 0.975)), n_groups=len(u), n_points=len(s), needs=None,
+                loo_pass_rate=float(np.average(loo, weights=[len(b) for b in by])))
 
 def qc_protocol(id_features, # (N, D) ID features (crops), or a list of such arrays (views)
                 id_src, # (N,) ID image index of each feature row
@@ -645,4 +572,239 @@ def qc_protocol(id_features, # (N, D) ID features (crops), or a list of such arr
                 threshold=thr, heldout_id_scores=s_id.tolist(), tests=res_t, shifts=res_s,
                 detector_validated=dict(validated=bool(au) and bool(min(au) > deployment_threshold), designated=des,
                                         min_auroc=float(min(au)) if au else None, required_auroc=deployment_threshold))
+
+
+# %% ../nbs/07_ood.ipynb #39a68a3d
+def _disk(r: int) -> np.ndarray:
+    yy, xx = np.mgrid[-r:r + 1, -r:r + 1]; k = (xx ** 2 + yy ** 2 <= r * r).astype(np.float32); return k / k.sum()
+
+def _contrast(x, s, g):
+    m = x.mean((-2, -1), keepdims=True); return m + (x - m) * s
+
+SHIFTS: dict[str, tuple[Callable, tuple[float, ...], str]] = {
+    "blur": (lambda x, s, g: ndimage.gaussian_filter(x, (0, s, s)), (0.5, 1, 2, 4), "Gaussian blur, sigma in pixels"),
+    "noise": (lambda x, s, g: np.clip(x + g.normal(0, s, x.shape), 0, 1), (0.02, 0.05, 0.1, 0.2),
+              "additive Gaussian noise, sigma in [0, 1] intensity units"),
+    "contrast": (_contrast, (0.8, 0.6, 0.4, 0.2), "contrast towards each channel's mean, by this factor"),
+    "defocus": (lambda x, s, g: ndimage.convolve(x, _disk(int(s))[None], mode="reflect"), (1, 2, 3, 5),
+                "defocus: uniform disk kernel of this radius in pixels"),
+}
+SHIFT_LEVELS = 4  # severities 1 (mild) .. 4 (strong) of every synthetic shift
+
+def synthetic_shift(unit, # (C, H, W) or (N, C, H, W) images in [0, 1] (`TrainedJob.load_split(...)['unit']`)
+                    kind: str, # a key of SHIFTS
+                    level: int, # severity 1..SHIFT_LEVELS
+                    seed: int = 0, # noise seed
+                   ) -> np.ndarray:
+    "A graded synthetic shift of [0, 1] images (blur, noise, contrast, defocus), float32, clipped to [0, 1]."
+    if kind not in SHIFTS: raise MatsegError(f"unknown synthetic shift {kind!r}; valid shifts: {', '.join(SHIFTS)}")
+    if not (isinstance(level, int) and 1 <= level <= SHIFT_LEVELS):
+        raise MatsegError(f"shift level {level!r} is not an integer in 1..{SHIFT_LEVELS}")
+    fn, sev, _ = SHIFTS[kind]
+    x = np.asarray(unit, np.float32); g = np.random.default_rng(seed)
+    one = x.ndim == 3
+    out = np.stack([fn(im, sev[level - 1], g) for im in (x[None] if one else x)]).astype(np.float32)
+    out = np.clip(out, 0, 1)
+    return out[0] if one else out
+
+
+# %% ../nbs/07_ood.ipynb #37fd6c25
+QC_FEATURES = ("encoder", "mask", "both")
+
+def qc_tile(shape: tuple[int, int],  # image (H, W)
+           ) -> int:
+    "Crop side for QC: 256, or half the smaller image side rounded down to a multiple of 32 (>= 64)."
+    return int(max(64, min(256, min(shape) // 2 // 32 * 32)))
+
+def qc_embed(tj: TrainedJob, # the job: its encoder (and its predicted masks) embed the crops
+             images, # model tensors: (N, C, H, W) array/tensor or a list of (C, H, W)
+             tile: int, # crop side (0: whole images)
+             features: str = "encoder", # "encoder", "mask" (morphology of the predicted mask) or "both" (two views)
+             cache: FeatureCache | None = None, # encoder-feature cache
+            ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    "Feature views of every crop of `images`: ([(M, D) per view], source image index, (y, x))."
+    if features not in QC_FEATURES: raise MatsegError(f"unknown QC features {features!r}; valid: {', '.join(QC_FEATURES)}")
+    ims = [np.asarray(im, np.float32) for im in images]
+    crops, src, pos = tile_images(ims, tile)
+    views = []
+    if features in ("encoder", "both"):
+        fid = f"encoder:{model_fingerprint(tj.model)}:mean+std:{json.dumps(tj.pipeline.stats)}"
+        if cache is None and len({c.shape for c in crops}) == 1: views.append(tj.features(np.stack(crops)))
+        else: views.append(np.stack([cache([c], tj.features, fid)[0] if cache else tj.features(c[None])[0] for c in crops]))
+    if features in ("mask", "both"):
+        preds = [tj.predict(torch.from_numpy(im)) for im in ims]  # whole-image tiled prediction, then cropped
+        views.append(np.concatenate([mask_features(preds[s][None, y:y + c.shape[-2], x:x + c.shape[-1]], tj.n_classes)
+                                     for c, s, (y, x) in zip(crops, src, pos)]))
+    return views, src, pos
+
+def _ref_images(tj: TrainedJob, ref: str, default_split: str) -> dict:
+    "Images of DATASET[:SPLIT[,SPLIT]] (a dataset of the job's profile) or of an image file/folder, as model tensors."
+    prof = tj.profile
+    name, _, splits = ref.partition(":")
+    splits = [s for s in (splits or default_split).split(",") if s]
+    if any(d.name == name for d in prof.datasets):
+        spec = prof.dataset(name)
+        sp = tj.load_split(splits, None if name == tj.dataset else name)
+        if not sp["names"]:
+            raise MatsegError(f"{ref!r}: dataset {name!r} has no images in split(s) {', '.join(splits)}")
+        return dict(names=sp["names"], x=list(sp["x"].numpy()), unit=sp["unit"], groups=sample_groups(sp["names"], spec))
+    p = Path(ref)
+    if not p.exists():
+        raise MatsegError(f"{ref!r} is neither a dataset of the profile ({', '.join(d.name for d in prof.datasets)}) "
+                          "nor an existing image file or folder")
+    files = [p] if p.is_file() else sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith("."))
+    if not files: raise MatsegError(f"folder {p} contains no files")
+    return dict(names=[f.name for f in files], x=[tj.prepare(f).numpy() for f in files], unit=None,
+                groups=[f.name for f in files])
+
+def qc_run(tj: TrainedJob, # the trained job (`TrainedJob.open`)
+           tests: dict[str, str] | None = None, # {set name: DATASET[:SPLIT] or image file/folder}: sets to screen
+           *,
+           id_ref: str | None = None, # ID data DATASET[:SPLIT[,SPLIT]]; None: the job's dataset, train+val
+           shift_sets: Sequence[str] | None = None, # None: the profile's task.shift_sets
+           features: str | None = None, # None: the profile's task.qc_features
+           level: int = 3, # severity of the synthetic shifts the detector is validated on (all are reported)
+           tile: int | None = None, # crop side; None: `qc_tile` of the ID images
+           detector: str = "gmm", # Forte detector
+           k: int | None = None, # neighbours; None: `auto_k` of the fit ID data only
+           mode: str = "single", # scoring mode of every set
+           seed: int = 0, # split / detector / bootstrap / noise seed
+           quantile: float = 0.05, # ID fraction below the threshold
+           heldout: float = 0.5, # fraction of ID groups held out
+           deployment_threshold: float | None = None, # None: the profile's task.deployment_threshold
+           cache: FeatureCache | None = None, # encoder-feature cache
+          ) -> dict:
+    "The QC of `matseg ood` and `matseg report`: `qc_protocol` on the job's features, with shift and test sets."
+    prof = tj.profile
+    shift_sets = list(prof.task.shift_sets if shift_sets is None else shift_sets)
+    features = features or prof.task.qc_features
+    dep = float(prof.task.deployment_threshold if deployment_threshold is None else deployment_threshold)
+    bad = [s for s in shift_sets if s not in SHIFTS and s.partition(":")[0] not in {d.name for d in prof.datasets}]
+    if bad: raise MatsegError(f"shift set(s) {bad} are neither synthetic shifts ({', '.join(SHIFTS)}) nor datasets of "
+                              f"profile {prof.name!r} ({', '.join(d.name for d in prof.datasets)})")
+    if not (isinstance(level, int) and 1 <= level <= SHIFT_LEVELS):
+        raise MatsegError(f"--level {level!r} must be an integer in 1..{SHIFT_LEVELS}")
+    id_ref = id_ref or f"{tj.dataset}:train,val"
+    ID = _ref_images(tj, id_ref, "train")
+    if ID["unit"] is None and any(s in SHIFTS for s in shift_sets):
+        raise MatsegError(f"--id {id_ref!r} is a folder; synthetic shifts need a dataset of the profile (DATASET:SPLITS)")
+    gi = np.unique(ID["groups"], return_inverse=True)[1].ravel()
+    qc_split(gi, heldout, seed)  # refuse too few groups before any embedding
+    tile = qc_tile(tuple(ID["x"][0].shape[-2:])) if tile is None else int(tile)
+    embed = lambda xs: qc_embed(tj, xs, tile, features, cache)
+    vid, sid, _ = embed(ID["x"])
+    T = {n: _ref_images(tj, r, "test") for n, r in (tests or {}).items()}
+    Te = {n: embed(t["x"]) for n, t in T.items()}
+    designated = [f"{s}@{level}" for s in shift_sets if s in SHIFTS] + [s for s in shift_sets if s not in SHIFTS]
+
+    def shifts(held):  # graded synthetic shifts of the held-out ID images, and the profile's dataset shift sets
+        out, held = {}, np.asarray(held)
+        src_map = {int(h): i for i, h in enumerate(held)}
+        for s in shift_sets:
+            if s in SHIFTS:
+                for lv in range(1, SHIFT_LEVELS + 1):
+                    u = synthetic_shift(ID["unit"][held], s, lv, seed=seed)
+                    v, src, _ = embed(list(tj.from_unit(u, f"shift {s}@{lv}").numpy()))
+                    out[f"{s}@{lv}"] = (v, src)
+            else:
+                v, src, _ = embed(_ref_images(tj, s, "test")["x"]); out[s] = (v, src)
+        return out
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=ConvergenceWarning)  # GMM k-means init on few crops; scores stay valid
+        q = qc_protocol(vid, sid, gi, {n: (v, s) for n, (v, s, _) in Te.items()}, shifts, designated, detector=detector,
+                        k=k, mode=mode, seed=seed, quantile=quantile, heldout=heldout, deployment_threshold=dep)
+    fit_img, held_img = qc_split(gi, heldout, seed)
+    for n, t in T.items():
+        q["tests"][n].update(ref=tests[n], images=t["names"], crop_image=Te[n][1].tolist(), crop_yx=Te[n][2].tolist())
+    for name, r in q["shifts"].items():
+        kind, _, lv = name.partition("@")
+        r.update(kind=kind if kind in SHIFTS else "dataset", level=int(lv) if lv else None, designated=name in designated,
+                 severity=SHIFTS[kind][1][int(lv) - 1] if kind in SHIFTS else None,
+                 what=SHIFTS[kind][2] if kind in SHIFTS else f"dataset {name}")
+    q.update(method="Forte (PRDC statistics + density detector), matseg.ood.qc_run", features=features, tile=int(tile),
+             level=level, id=id_ref, n_id_images=len(ID["names"]), n_id_groups=int(len(np.unique(gi))),
+             heldout_images=[ID["names"][i] for i in np.nonzero(held_img)[0]],
+             fit_images=[ID["names"][i] for i in np.nonzero(fit_img)[0]], input=tj.pipeline.to_dict())
+    return q
+
+
+# %% ../nbs/07_ood.ipynb #70a98333
+def qc_lines(q: dict, # a `qc_run` record
+            ) -> list[str]:
+    "The verdicts of a QC record in words: detector validation, threshold (or what it needs), each test set."
+    dv, th = q["detector_validated"], q["threshold"]
+    out = [f"QC: {q['features']} features, {q['tile']}² px crops, k={q['k']}, {q['mode']} mode, {q['detector']}; "
+           f"{q['n_fit_images']} fit / {q['n_heldout_images']} held-out ID images ({q['n_fit_groups']}/{q['n_heldout_groups']} groups)"]
+    if dv["min_auroc"] is None: out.append("detector validated: UNKNOWN (no designated shift set)")
+    else:
+        worst = min(dv["designated"], key=lambda d: q["shifts"][d]["auroc_vs_heldout_id"])
+        out.append(f"detector validated: {'YES' if dv['validated'] else 'NO'} (min AUROC {dv['min_auroc']:.3f} on {worst}, "
+                   f"needs > {dv['required_auroc']:g}, over {', '.join(dv['designated'])})")
+    if th["threshold"] is None: out.append(f"threshold: none ({th['needs']})")
+    else:
+        out.append(f"threshold: {th['threshold']:.4g} [95% CI {th['low']:.4g}, {th['high']:.4g}] ({q['quantile']:g} of held-out "
+                   f"ID crops below; {th['n_groups']} groups, {th['n_points']} crops; leave-one-group-out ID pass rate "
+                   f"{th['loo_pass_rate']:.2f})")
+    for n, t in q["tests"].items():
+        line = f"{n}: AUROC vs held-out ID {t['auroc_vs_heldout_id']:.3f}"
+        if "typical_fraction" in t:
+            typ = sum(p >= 0.5 for p in t["typical_fraction"])
+            line += f"; {typ} of {len(t['typical_fraction'])} images typical (pass rate {t['image_pass_rate']:.2f}, crops {t['crop_pass_rate']:.2f})"
+        out.append(line)
+    return out
+
+def cli_ood(argv: list[str] | None = None, # command-line arguments after `matseg ood`
+           ) -> int:
+    "`matseg ood`: QC of new images against a model's ID data — detector validation and typical/atypical per image."
+    ap = cli_parser("ood", cli_ood.__doc__, profile="optional", out="output folder")
+    ap.add_argument("checkpoint", help="trained checkpoint (checkpoint.safetensors or its job folder); its encoder "
+                    "embeds the images, prepared by its own input pipeline")
+    ap.add_argument("--id", default=None, help="ID data: DATASET[:SPLIT[,SPLIT]] (default: the job's dataset, train,val), "
+                    "split by image group into fit and held-out images")
+    ap.add_argument("--test", action="append", default=[], metavar="REF",
+                    help="a set to screen: DATASET[:SPLIT] (default split: test) or an image file/folder; repeatable")
+    ap.add_argument("--shift", action="append", default=None, metavar="SET",
+                    help=f"a shift set the detector must separate: {', '.join(SHIFTS)} (graded synthetic shifts of the "
+                         "held-out ID images) or DATASET[:SPLIT]; repeatable; default: the profile's task.shift_sets")
+    ap.add_argument("--level", type=int, default=3, help=f"severity 1..{SHIFT_LEVELS} of the synthetic shifts the detector "
+                    "is validated on (every level is reported; default 3)")
+    ap.add_argument("--features", default=None, choices=list(QC_FEATURES),
+                    help="encoder features, predicted-mask morphology, or both; default: the profile's task.qc_features")
+    ap.add_argument("--detector", default="gmm", choices=list(DETECTORS))
+    ap.add_argument("--mode", default="single", choices=["batch", "single"],
+                    help="single (default): each image scored on its own, as in deployment; batch: the paper's query-set "
+                         "radii (each set's own images)")
+    ap.add_argument("--k", type=int, default=None, help="nearest neighbours; default: auto_k of the fit ID data only")
+    ap.add_argument("--tile", type=int, default=None, help="crop side in pixels; 0 = whole images; default: 256, or half "
+                    "the smaller side of the ID images")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cache", default=None, help="encoder-feature cache folder (content-keyed; default: none)")
+    a = ap.parse_args(argv)
+    prof = load_profile(a.profile) if a.profile else None
+    if prof is not None and a.overrides: prof = apply_overrides(prof, a.overrides)
+    tj = TrainedJob.open(a.checkpoint, prof, a.device)
+    tests = {}
+    for ref in a.test:
+        name = Path(ref).name if Path(ref).exists() and not any(d.name == ref.partition(":")[0] for d in tj.profile.datasets) else ref
+        tests[name if name not in tests else ref] = ref
+    q = qc_run(tj, tests, id_ref=a.id, shift_sets=a.shift, features=a.features, level=a.level, tile=a.tile,
+               detector=a.detector, k=a.k, mode=a.mode, seed=a.seed, cache=FeatureCache(a.cache) if a.cache else None)
+    out = Path(a.out); t = q["threshold"]["threshold"]
+    rows, tiles = [], []
+    for n, r in q["tests"].items():
+        sc, src = np.asarray(r["scores"]), np.asarray(r["crop_image"])
+        for i, img in enumerate(r["images"]):
+            s = sc[src == i]
+            rows.append([n, img, f"{s.mean():.6g}", "" if t is None else f"{(s >= t).mean():.4g}", len(s),
+                         "" if t is None else int((s >= t).mean() >= 0.5)])
+        for (y, x), i, s in zip(r["crop_yx"], src, sc):
+            tiles.append([n, r["images"][i], y, x, f"{s:.6g}", "" if t is None else int(s >= t)])
+    write_csv(out / "scores.csv", ["set", "image", "score", "typical_fraction", "n_tiles", "typical"], rows)
+    write_csv(out / "tiles.csv", ["set", "image", "y", "x", "score", "typical"], tiles)
+    write_csv(out / "shifts.csv", ["set", "kind", "level", "severity", "auroc_vs_heldout_id", "designated"],
+              [[n, r["kind"], r["level"] or "", "" if r["severity"] is None else r["severity"],
+                f"{r['auroc_vs_heldout_id']:.4f}", int(r["designated"])] for n, r in q["shifts"].items()])
+    atomic_write_json(out / "summary.json", dict(q, checkpoint=str(a.checkpoint)))
+    print(*qc_lines(q), f"-> {out}", sep="\n")
+    return 0
 

@@ -24,6 +24,7 @@ from PIL import Image
 from sklearn.exceptions import ConvergenceWarning
 
 from . import ood
+from .ood import qc_tile  # noqa: F401 (re-exported: the report's crop rule is the QC one)
 from .core import (MatsegError, asset_path, atomic_write_bytes, atomic_write_json, atomic_write_text, check_out_dir,
                          cli_parser)
 from .data import overlay
@@ -34,7 +35,7 @@ from .runs import CHECKPOINT, PROFILES, RESULT, Run, RunLock, TrainedJob, find_c
 
 # %% auto #0
 __all__ = ['REPORT_FORMAT', 'png_bytes', 'data_uri', 'display_image', 'image_scores', 'default_region', 'heatmap_window',
-           'qc_tile', 'qc_signals', 'explain_image', 'profile_excerpt', 'build_report', 'render_html', 'external_refs',
+           'qc_signals', 'explain_image', 'profile_excerpt', 'build_report', 'render_html', 'external_refs',
            'best_jobs', 'report_best_jobs', 'cli_report']
 
 # %% ../nbs/09_report.ipynb #85599443
@@ -107,50 +108,27 @@ def heatmap_window(region: np.ndarray | None,  # (H, W) boolean region of the fu
     return int(Y[i]), int(X[i]), h, w
 
 # %% ../nbs/09_report.ipynb #4816b42b
-def qc_tile(shape: tuple[int, int],  # image (H, W)
-           ) -> int:
-    "Crop side for Forte: 256, or half the smaller image side rounded down to a multiple of 32 (>= 64)."
-    return int(max(64, min(256, min(shape) // 2 // 32 * 32)))
-
-def qc_signals(tj: TrainedJob,  # the job (its encoder embeds the crops)
-               train_x: torch.Tensor,  # (N, C, H, W) training-split images as model tensors (`TrainedJob.load_split`)
-               x: torch.Tensor,  # (M, C, H, W) images of the reported split as model tensors
-               names: list[str],  # sample names of `x`
-               deployment_threshold: float = 0.95,  # profile task.deployment_threshold
-               tile: int | None = None,  # crop side (None: `qc_tile`)
-               k: int = 5,  # Forte nearest neighbours
-               detector: str = "gmm",  # Forte detector
-               seed: int = 0,  # Forte seed
+def qc_signals(tj: TrainedJob,  # the job
+               split: str = "test",  # the reported split (scored as the test set)
+               tile: int | None = None,  # crop side (None: `matseg.ood.qc_tile` of the ID images)
+               **kw,  # further `matseg.ood.qc_run` options (same defaults as `matseg ood`)
               ) -> dict:
-    "Forte typicality of the split vs the training split: metrics, readiness, per-image scores (or why unavailable)."
-    tile = tile or qc_tile(tuple(x.shape[-2:]))
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)  # GMM k-means init on few crops; scores stay valid
-            ctr, gtr, _ = ood.tile_images([t.numpy() for t in train_x], tile)
-            cte, gte, _ = ood.tile_images([t.numpy() for t in x], tile)
-            ftr, fte = tj.features(np.stack(ctr)), tj.features(np.stack(cte))
-            forte = ood.Forte(detector, k=k, seed=seed).fit(ftr, groups=gtr)
-            mode = "batch" if len(fte) >= k + 1 else "single"
-            st = np.asarray(forte.score(fte, mode), float)
-            m = ood.evaluate_ood(forte.id_scores_, st, forte.threshold_)
-            rd = ood.readiness(m, deployment_threshold)
-    except MatsegError as e:
-        return {"available": False, "reason": f"Forte could not run on these images: {e}"}
-    t = float(forte.threshold_)
+    "The report's Q: `matseg.ood.qc_run` with the reported split as its test set, plus one row per image (or why unavailable)."
+    if split in ("train", "val"):
+        return {"available": False, "reason": f"the {split} split is part of the ID data QC is fitted on; report the test split"}
+    try: q = ood.qc_run(tj, {split: f"{tj.dataset}:{split}"}, tile=tile, **kw)
+    except MatsegError as e: return {"available": False, "reason": f"QC could not run: {e}"}
+    t, r = q["threshold"]["threshold"], q["tests"][split]
+    sc, src = np.asarray(r["scores"]), np.asarray(r["crop_image"])
     per = []
-    for i, n in enumerate(names):
-        s = st[gte == i]
-        per.append({"name": n, "score": float(s.mean()), "typical_fraction": float((s >= t).mean()),
-                    "n_crops": int(len(s)), "typical": bool(s.mean() >= t)})
-    return {"available": True, "method": "Forte (PRDC statistics + density detector), matseg.ood",
-            "features": "job encoder, globally pooled mean+std per stage", "detector": detector, "k": int(k),
-            "mode": mode, "tile": int(tile), "n_train_crops": int(len(ftr)), "n_crops": int(len(fte)),
-            "auroc": m["auroc"], "f1": m["f1"], "precision": m["precision"], "recall": m["recall"],
-            "fpr95": m["fpr95"], "auprc": m["auprc"], "max_f1": m["max_f1"], "threshold": t,
-            "ready": bool(rd["ready"]), "required_auroc": float(rd["required_auroc"]),
-            "typical_images": int(sum(p["typical"] for p in per)), "per_image": per,
-            "id_scores": np.asarray(forte.id_scores_, float).tolist(), "crop_scores": st.tolist()}
+    for i, n in enumerate(r["images"]):
+        s = sc[src == i]; frac = None if t is None else float((s >= t).mean())
+        per.append({"name": n, "score": float(s.mean()), "typical_fraction": frac, "n_crops": int(len(s)),
+                    "typical": None if t is None else bool(frac >= 0.5)})
+    return {"available": True, "split": split, **q, "per_image": per,
+            "validated": bool(q["detector_validated"]["validated"]),
+            "typical_images": None if t is None else int(sum(p["typical"] for p in per))}
+
 
 # %% ../nbs/09_report.ipynb #0a1b4647
 def explain_image(model,  # the job's model
@@ -281,11 +259,7 @@ def build_report(job,  # job folder OUT/<dataset>/<job_id> or its checkpoint.saf
          "tiling": {"tile": tj.tile_for(imgs.shape[-2:]), "overlap": tj.overlap},
          "input": tj.pipeline.to_dict()}
     if not ood: Q = {"available": False, "reason": "switched off (--no-ood)"}
-    else:
-        tr = tj.load_split("train") if split != "train" else sp
-        if not tr["names"]: Q = {"available": False, "reason": f"dataset {name!r} has no training split to compare with"}
-        else: Q = qc_signals(tj, tr["x"], imgs, names, prof.task.deployment_threshold)
-        Q.setdefault("compared", {"id": f"{name}:train", "test": f"{name}:{split}"})
+    else: Q = qc_signals(tj, split)
     if not heatmaps: H = {"available": False, "reason": "switched off (--no-heatmaps)"}
     else:
         items = []
@@ -405,18 +379,30 @@ def _gallery_fig(rep: dict, pngs: dict):
 
 def _qc_fig(rep: dict):
     import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
     q = rep["qc"]
     if not q.get("available"): return None
-    per = q["per_image"]
-    fig = go.Figure()
-    fig.add_trace(go.Box(y=q["id_scores"], name="training crops (cross-fitted)", boxpoints="all", jitter=0.4,
-                         marker_size=4))
-    fig.add_trace(go.Scatter(x=[f"{rep['masks']['split']} images"] * len(per), y=[p["score"] for p in per],
-                             mode="markers", marker=dict(size=11, color=["#1a7f37" if p["typical"] else "#c62828" for p in per]),
-                             text=[p["name"] for p in per], hovertemplate="%{text}<br>score %{y:.3f}<extra></extra>",
-                             name=f"{rep['masks']['split']} images (mean crop score)"))
-    fig.add_hline(y=q["threshold"], line_dash="dash", annotation_text=f"threshold {q['threshold']:.3f}")
-    fig.update_layout(title=f"Q: Forte typicality (AUROC {q['auroc']:.3f})", yaxis_title="typicality score", height=380)
+    split, per, th = rep["masks"]["split"], q["per_image"], q["threshold"]
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.45, 0.55],
+                        subplot_titles=["typicality: held-out ID crops vs each image", "detector: AUROC vs held-out ID per shift"])
+    fig.add_trace(go.Box(y=q["heldout_id_scores"], name="held-out ID crops", boxpoints="all", jitter=0.4, marker_size=4), 1, 1)
+    col = ["#777" if p["typical"] is None else "#1a7f37" if p["typical"] else "#c62828" for p in per]
+    fig.add_trace(go.Scatter(x=[f"{split} images"] * len(per), y=[p["score"] for p in per], mode="markers",
+                             marker=dict(size=11, color=col), text=[p["name"] for p in per],
+                             hovertemplate="%{text}<br>mean crop score %{y:.4g}<extra></extra>", name=f"{split} images"), 1, 1)
+    if th["threshold"] is not None:
+        fig.add_hrect(y0=th["low"], y1=th["high"], fillcolor="#999", opacity=0.2, line_width=0, row=1, col=1)
+        fig.add_hline(y=th["threshold"], line_dash="dash", row=1, col=1)
+    kinds: dict = {}
+    for n, r in q["shifts"].items():
+        kinds.setdefault(r["kind"] if r.get("level") else n, []).append((r.get("level") or 0, r["auroc_vs_heldout_id"]))
+    for kname, pts in kinds.items():
+        pts.sort()
+        fig.add_trace(go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="lines+markers", name=kname), 1, 2)
+    fig.add_hline(y=q["detector_validated"]["required_auroc"], line_dash="dot", row=1, col=2)
+    fig.update_xaxes(title_text="shift level (0: a dataset shift set)", row=1, col=2)
+    fig.update_yaxes(title_text="typicality score", row=1, col=1); fig.update_yaxes(range=[0, 1.02], row=1, col=2)
+    fig.update_layout(title="Q: Forte QC", height=400)
     return fig
 
 def _heatmap_fig(rep: dict):
@@ -458,13 +444,17 @@ def render_html(rep: dict,  # the report record (as written to report.json)
         figs_top=[Markup(_fig_html(f, i)) for i, f in zip(("fig-metrics", "fig-history"), figs) if f is not None],
         iou_heads=[f"IoU {c}" for c in Z["classes"]], z_rows=[(r["name"], r.get("miou"), *r["iou"]) for r in Z["images"]],
         fig_masks=Markup(_fig_html(g, "fig-masks")) if g is not None else None,
-        q_rows=[("AUROC", Q.get("auroc")), ("F1 at threshold", Q.get("f1")), ("precision at threshold", Q.get("precision")),
-                ("recall at threshold", Q.get("recall")), ("FPR at 95% TPR", Q.get("fpr95")),
-                ("threshold (5% of training crops below)", Q.get("threshold")),
-                ("typical images", f"{Q.get('typical_images')} of {len(Q.get('per_image') or [])}"),
-                ("crops", f"{Q.get('n_train_crops')} training, {Q.get('n_crops')} {Z['split']} ({Q.get('tile')}² px, {Q.get('mode')} mode)")]
+        q_rows=[("features", f"{Q.get('features')} ({Q.get('tile')}² px crops, {Q.get('mode')} mode, k={Q.get('k')}, {Q.get('detector')})"),
+                (f"AUROC {Z['split']} vs held-out ID", (Q.get("tests") or {}).get(Z["split"], {}).get("auroc_vs_heldout_id")),
+                ("image pass rate", (Q.get("tests") or {}).get(Z["split"], {}).get("image_pass_rate")),
+                ("crop pass rate", (Q.get("tests") or {}).get(Z["split"], {}).get("crop_pass_rate")),
+                ("leave-one-group-out ID pass rate", (Q.get("threshold") or {}).get("loo_pass_rate")),
+                ("held-out ID crops", (Q.get("threshold") or {}).get("n_points"))]
                if Q.get("available") else [],
-        q_images=[(p["name"], p["score"], p["typical_fraction"], p["typical"]) for p in Q.get("per_image") or []],
+        q_images=[(p["name"], p["score"], p["typical_fraction"],
+                   "—" if p["typical"] is None else "typical" if p["typical"] else "atypical") for p in Q.get("per_image") or []],
+        q_shifts=[(n, r.get("level"), r.get("what"), r["auroc_vs_heldout_id"], "yes" if r.get("designated") else "")
+                  for n, r in (Q.get("shifts") or {}).items()],
         fig_qc=Markup(_fig_html(_qc_fig(rep), "fig-qc")) if Q.get("available") else None,
         h_rows=[(it["name"], it.get("region", it.get("error")), it.get("region_pixels"),
                  f"{it['patch']}/{it['stride']}" if "patch" in it else None, it.get("n_locations"),

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Regenerate the shipped Super1 sample (matseg/assets/sample/super1/) from the full NASA set.
 
-Deterministic: the first 4 train, 2 val and 2 test images in sorted name order. Images (RGB TIFF whose three
+Deterministic: all 10 train, 4 val and 4 test images (the whole Super1 set), in sorted name order. Images (RGB TIFF whose three
 channels are equal) become 8-bit grey PNG; masks (RGBA colour overlays, multi-page TIFF) become RGB PNG with
 the same palette encoding: pure blue (0,0,255) = secondary gamma', pure red (255,0,0) = tertiary gamma', and
 every other pixel (the grey copy of the micrograph) black (0,0,0) = gamma matrix, which decodes identically and
@@ -20,7 +20,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 SRC = REPO.parent / "shared/data/nasa-pmm/Super1"
 DST = REPO / "matseg/assets/sample/super1"
-COUNTS = {"train": 4, "val": 2, "test": 2}
+COUNTS = {"train": 10, "val": 4, "test": 4}  # all of Super1: 14 ID images, enough groups for QC
 BLUE, RED = (0, 0, 255), (255, 0, 0)
 
 
