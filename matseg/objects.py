@@ -108,7 +108,7 @@ class DefectCounter:
     def __init__(self,
                  classes: Sequence[str],  # class names of the dataset (index = class id)
                  defect_classes: Sequence[str],  # the names counted as objects
-                 thresholds: Sequence[float] = (0.5,),  # IoU thresholds (0.5 is always added)
+                 thresholds: Sequence[float] = (0.5,),  # IoU thresholds (0.5 is always added; rounded to 4 decimals)
                  min_size: int = 0,  # components with fewer labelled pixels are dropped (both masks)
                  ignore_index: int | None = None,  # target value of unlabelled pixels (outside 0..n-1)
                 ):
@@ -119,7 +119,7 @@ class DefectCounter:
         self.defect_classes = list(dict.fromkeys(defect_classes))
         bad = [t for t in thresholds if not (isinstance(t, (int, float)) and math.isfinite(t) and 0 < t <= 1)]
         if bad: raise MatsegError(f"IoU thresholds {bad} are outside (0, 1]; use e.g. 0.5")
-        self.thresholds = sorted({0.5, *map(float, thresholds)})
+        self.thresholds = sorted({0.5, *(round(float(t), 4) for t in thresholds)})  # 4 decimals: distinct keys
         if not isinstance(min_size, (int, np.integer)) or min_size < 0:
             raise MatsegError(f"min_size={min_size!r}; use 0 (keep all) or a positive pixel count")
         _check_ignore(self.n_classes, ignore_index)

@@ -164,3 +164,22 @@ def test_ambiguous_groups_equal_brute_force():
             tp, fp, fn, iou_sum = _oracle(pred, true, t)
             assert (s["tp"], s["fp"], s["fn"]) == (tp, fp, fn) and math.isclose(s["iou_sum"], iou_sum, abs_tol=1e-9)
     assert ambiguous >= 15
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_pq_equals_torchmetrics_panoptic_quality(seed):
+    # torchmetrics' PanopticQuality (Kirillov et al.: match when IoU > 0.5, counts pooled over the batch) on the same
+    # components as instance ids; images where some pair has IoU exactly 0.5 (> vs >=) are left out
+    PanopticQuality = pytest.importorskip("torchmetrics.detection").PanopticQuality
+    rng = np.random.default_rng(seed)
+    P, T = [], []
+    while len(P) < 6:
+        t = _rects(rng, (32, 32), n=6)
+        p = (np.roll(t, rng.integers(-1, 2, 2), (0, 1)) & (rng.random(t.shape) < 0.95)) | _rects(rng, (32, 32), n=1)
+        (pl, pa), (tl, ta) = components(p), components(t)
+        if not np.any(overlaps(pl, tl, pa, ta)[2] == 0.5): P.append(p); T.append(t)
+    pan = lambda ms: torch.from_numpy(np.stack([np.stack([m.astype(np.int64), components(m)[0]], -1) for m in ms]))
+    ref = PanopticQuality(things={1}, stuffs={0}, return_per_class=True, return_sq_and_rq=True)(pan(P), pan(T))
+    s = DefectCounter(["bg", "crack"], ["crack"]).update(np.stack(P).astype(int), np.stack(T).astype(int)).scores()["crack"]["0.5"]
+    assert s["tp"] > 0 and s["fp"] + s["fn"] > 0
+    assert np.allclose([s["pq"], s["sq"], s["rq"]], ref[0].numpy(), atol=1e-9)
