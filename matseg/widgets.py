@@ -461,25 +461,34 @@ class TrainLauncher:
             self.start_button.disabled, self.stop_button.disabled = False, True
 
 # %% ../nbs/10_widgets.ipynb #84c2c909
-def threshold_readouts(id_scores,  # OOD scores of in-distribution images
-                       test_scores,  # OOD scores of the images to check
-                       threshold: float,  # decision threshold on the score
-                       deployment_threshold: float = 0.95,  # readiness: AUROC must exceed this
+def threshold_readouts(id_scores,  # typicality scores of held-out in-distribution crops
+                       test_scores,  # typicality scores of the crops to check
+                       threshold: float,  # decision threshold on the score (typical when score >= threshold)
+                       deployment_threshold: float = 0.95,  # AUROC above which the two sets count as separable
+                       validated: bool | None = None,  # the QC record's "detector validated" verdict, if known
                       ) -> dict:
-    "Precision/recall/F1/AUROC at a threshold (ID = positive, accepted when score >= threshold) and readiness."
-    from matseg.ood import evaluate_ood, readiness
-    r = dict(evaluate_ood(np.asarray(id_scores, float), np.asarray(test_scores, float), float(threshold)))
-    r["ready"] = readiness(r, deployment_threshold)["ready"]
+    "Pass rate, atypical count, precision/recall/F1/AUROC at a threshold (ID = positive), separability, and the detector verdict."
+    from matseg.ood import evaluate_ood
+    t = np.asarray(test_scores, float)
+    r = dict(evaluate_ood(np.asarray(id_scores, float), t, float(threshold)))
+    r["separable"] = bool(r["auroc"] > deployment_threshold)
     r["required_auroc"] = float(deployment_threshold)
-    r["n_flagged"] = int((np.asarray(test_scores, float) < threshold).sum())
+    r["n_flagged"] = int((t < threshold).sum())
+    r["pass_rate"] = float((t >= threshold).mean())
+    r["validated"] = validated
     return r
 
 def readouts_html(r: dict) -> str:
     "The readouts as one HTML line (the OOD viewer's text)."
-    flag = ("<b style='color:#2a2'>READY</b>" if r["ready"] else "<b style='color:#c22'>NOT READY</b>")
-    return (f"<div class='matseg-readout'>threshold {r['threshold']:.4g} · precision {r['precision']:.3f} · "
-            f"recall {r['recall']:.3f} · F1 {r['f1']:.3f} · AUROC {r['auroc']:.3f} · FPR@95 {r['fpr95']:.3f} · "
-            f"{r['n_flagged']} of {r['n_test']} test images flagged · {flag} (AUROC &gt; {r['required_auroc']:g})</div>")
+    if r.get("validated") is None: det = "<span style='color:#777'>detector validation unknown</span>"
+    elif r["validated"]: det = "<b style='color:#2a2'>DETECTOR VALIDATED</b>"
+    else: det = "<b style='color:#c22'>DETECTOR NOT VALIDATED</b>"
+    sep = "separable from ID (shifted)" if r["separable"] else "not separable from ID"
+    return (f"<div class='matseg-readout'>threshold {r['threshold']:.4g} · test pass rate {r['pass_rate']:.2f} · "
+            f"{r['n_flagged']} of {r['n_test']} test crops atypical · AUROC vs held-out ID {r['auroc']:.3f} ({sep} at "
+            f"&gt; {r['required_auroc']:g}) · precision {r['precision']:.3f} · recall {r['recall']:.3f} · F1 {r['f1']:.3f} · "
+            f"FPR@95 {r['fpr95']:.3f} · {det}</div>")
+
 
 # %% ../nbs/10_widgets.ipynb #b9e14ede
 def thumbnail_png(image: np.ndarray,  # (H, W), (C, H, W) or (H, W, 3) image
@@ -515,11 +524,12 @@ class OODViewer:
                  threshold: float | None = None,  # initial threshold (default: 5th percentile of ID scores)
                  test_images=None,  # optional images of the test set, for thumbnails
                  test_names: list[str] | None = None,  # names of the test images
-                 deployment_threshold: float = 0.95,  # readiness: AUROC must exceed this
+                 deployment_threshold: float = 0.95,  # AUROC above which test and ID count as separable
                  n_thumbs: int = 6,  # how many atypical images to show
+                 validated: bool | None = None,  # the QC record's "detector validated" verdict, if known
                 ):
         self.id_scores, self.test_scores = np.asarray(id_scores, float), np.asarray(test_scores, float)
-        self.deployment_threshold, self.test_images = deployment_threshold, test_images
+        self.deployment_threshold, self.test_images, self.validated = deployment_threshold, test_images, validated
         self.test_names = list(test_names) if test_names is not None else [f"test {i}" for i in range(len(self.test_scores))]
         allv = np.r_[self.id_scores, self.test_scores]
         lo, hi = float(allv.min()), float(allv.max())
@@ -536,6 +546,22 @@ class OODViewer:
         self._order = np.argsort(self.test_scores)[:n_thumbs]
         self.update()
 
+    @classmethod
+    def from_qc(cls, q: dict,  # a `matseg.ood.qc_run` record (`matseg ood`'s summary.json, or the report's `qc`)
+                test: str | None = None,  # which test set (default: the first)
+                **kw,  # further `OODViewer` options (test_images: one per crop, in the record's crop order)
+               ) -> OODViewer:
+        "The viewer over a QC record: held-out ID vs one test set's crops, at the record's threshold and verdict."
+        tests = q.get("tests") or {}
+        if not tests: raise MatsegError("this QC record has no test set; run `matseg ood ... --test REF`")
+        name = test if test is not None else next(iter(tests))
+        if name not in tests: raise MatsegError(f"test set {name!r} is not in the QC record; sets: {', '.join(tests)}")
+        r = tests[name]
+        names = [f"{r['images'][i]} @ y{y} x{x}" for i, (y, x) in zip(r["crop_image"], r["crop_yx"])] if "images" in r else None
+        return cls(q["heldout_id_scores"], r["scores"], threshold=q["threshold"]["threshold"], test_names=names,
+                   deployment_threshold=q["detector_validated"]["required_auroc"],
+                   validated=q["detector_validated"]["validated"], **kw)
+
     def _ipython_display_(self):
         from IPython.display import display
         display(self.widget)
@@ -543,7 +569,7 @@ class OODViewer:
     @property
     def readouts(self) -> dict:
         "Readouts at the slider's threshold (see `threshold_readouts`)."
-        return threshold_readouts(self.id_scores, self.test_scores, self.slider.value, self.deployment_threshold)
+        return threshold_readouts(self.id_scores, self.test_scores, self.slider.value, self.deployment_threshold, self.validated)
 
     def _redraw(self):
         fig = score_figure(self.id_scores, self.test_scores, self.slider.value, self.kind.value)

@@ -268,21 +268,28 @@ def _write_far_images(folder: Path, n: int = 4) -> Path:
 
 
 def test_cli_ood_end_to_end(tmp_path, tiny_checkpoint):
+    "matseg ood: held-out ID vs a far set and a graded shift, both verdicts in summary.json, one row per test image."
     from conftest import run_matseg
     from matseg.core import asset_path
     far = _write_far_images(tmp_path / "far")
     prof = asset_path("profiles", "sample.json")
     r = run_matseg("ood", tiny_checkpoint, "--profile", prof, "--id", "super1-sample:train,val", "--test", far,
-                   "--tile", "128", "--out", tmp_path / "out")
+                   "--shift", "noise", "--out", tmp_path / "out")
     assert r.returncode == 0, r.stderr[-2000:]
     summ = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert {"auroc", "fpr95", "auprc", "f1", "precision", "threshold", "ready", "detector"} <= set(summ)
-    assert 0 <= summ["auroc"] <= 1 and isinstance(summ["ready"], bool) and summ["detector"] == "gmm"
-    assert summ["ready"] == (summ["auroc"] > 0.95)
-    assert summ["k"] == auto_k(16 * 6, 6) == 16  # 16 crops of 128² per 512² image, 6 ID images
+    assert summ["n_id_images"] == 14 and summ["n_fit_images"] == summ["n_heldout_images"] == 7  # whole images as groups
+    assert summ["tile"] == 256 and summ["k"] == auto_k(7 * 4, 7)  # k from the fit ID data only
+    dv = summ["detector_validated"]
+    assert dv["designated"] == ["noise@3"] and dv["validated"] == (dv["min_auroc"] > 0.95)
+    assert set(summ["shifts"]) == {f"noise@{lv}" for lv in (1, 2, 3, 4)}
+    th = summ["threshold"]
+    assert th["n_groups"] == 7 and th["n_points"] == 28 and th["low"] <= th["threshold"] <= th["high"]
+    t = summ["tests"]["far"]
+    assert 0 <= t["auroc_vs_heldout_id"] <= 1 and t["images"] == [f"slice#{i}.png" for i in range(4)]
     rows = (tmp_path / "out" / "scores.csv").read_text().splitlines()
-    assert len(rows) == 1 + 4 and "slice#0.png" in rows[1]  # one row per test image, names kept verbatim
-    assert "AUROC" in r.stdout
+    assert rows[0].startswith("set,image") and len(rows) == 1 + 4 and "slice#0.png" in rows[1]  # names kept verbatim
+    assert len((tmp_path / "out" / "shifts.csv").read_text().splitlines()) == 1 + 4
+    assert "detector validated:" in r.stdout and "threshold:" in r.stdout
 
 
 def test_cli_ood_too_few_id_images(tmp_path, tiny_checkpoint):

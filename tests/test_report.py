@@ -19,13 +19,13 @@ HAS_OOD = importlib.util.find_spec("matseg.ood") is not None
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    "A one-epoch resnet18 U-Net trained on 10 synthetic 128x128 AFM images: (profile path, runs dir, job dir)."
+    "A one-epoch resnet18 U-Net trained on 14 synthetic 128x128 AFM images (12 ID: enough groups for QC): (profile, runs, job dir)."
     from matseg.profile import compile_profile, load_profile
     from matseg.synth import write_afm_dataset
     from matseg.runs import train_job
     threads = torch.get_num_threads(); torch.set_num_threads(1)  # parallel test runners on 2 cores
     tmp = tmp_path_factory.mktemp("report")
-    write_afm_dataset(tmp / "afm", n_images=10, size=128, seed=0)
+    write_afm_dataset(tmp / "afm", n_images=14, size=128, seed=0)
     ds = json.loads((tmp / "afm" / "dataset.json").read_text()); ds["root"] = "afm"
     prof = {"name": "t", "datasets": [ds], "task": {"objective": "grains", "deployment_threshold": 0.9},
             "model": {"encoders": ["resnet18"], "decoders": ["unet"], "weights": "none"},
@@ -112,9 +112,12 @@ def test_html_offline_with_figures(run, report):
     # gallery: image, truth, prediction, heatmap per image (plotly's JSON writes "/" as \u002f)
     assert len(re.findall(r"data:image(?:/|\\u002f)png;base64,iVBOR", page)) >= 2 * 4
     q = report["qc"]
-    m = re.search(r'data-ready="(\w+)"', page)
-    assert m and m.group(1) == (str(q["ready"]).lower() if q["available"] else "unknown")
-    assert ("READY" in page) if q["available"] else ("QC UNAVAILABLE" in page)
+    m = re.search(r'data-validated="(\w+)"', page)
+    assert m and m.group(1) == (str(q["validated"]).lower() if q["available"] else "unknown")
+    assert ("DETECTOR VALIDATED" in page or "DETECTOR NOT VALIDATED" in page) if q["available"] else ("QC UNAVAILABLE" in page)
+    if q["available"] and q["threshold"]["threshold"] is not None:
+        t = re.search(r'data-typical="(\d+)"', page)
+        assert t and int(t.group(1)) == q["typical_images"] and "fig-qc" in divs
 
 
 def test_heatmaps(report):
@@ -130,13 +133,37 @@ def test_heatmaps(report):
 
 @pytest.mark.skipif(not HAS_OOD, reason="matseg.ood (07_ood) is not exported yet")
 def test_qc_signals(report):
+    "Q is matseg.ood.qc_run: held-out ID vs the test split and vs graded shifts, one threshold with its interval."
+    from matseg.ood import SHIFT_LEVELS, SHIFTS
     q = report["qc"]
     assert q["available"], q.get("reason")
-    assert 0 <= q["auroc"] <= 1 and 0 <= q["f1"] <= 1 and 0 <= q["precision"] <= 1 and np.isfinite(q["threshold"])
-    assert q["ready"] == (q["auroc"] > q["required_auroc"]) and q["required_auroc"] == 0.9
+    assert q["n_fit_images"] + q["n_heldout_images"] == q["n_id_images"] == 12 and q["features"] == "encoder"
+    assert not set(q["fit_images"]) & set(q["heldout_images"])
+    dv = q["detector_validated"]
+    assert dv["designated"] == [f"{k}@3" for k in SHIFTS] and dv["required_auroc"] == 0.9
+    assert set(q["shifts"]) == {f"{k}@{lv}" for k in SHIFTS for lv in range(1, SHIFT_LEVELS + 1)}
+    assert dv["min_auroc"] == min(q["shifts"][d]["auroc_vs_heldout_id"] for d in dv["designated"])
+    assert q["validated"] == dv["validated"] == (dv["min_auroc"] > 0.9)
+    th = q["threshold"]
+    assert th["needs"] is None and th["low"] <= th["threshold"] <= th["high"] and 0 <= th["loo_pass_rate"] <= 1
+    t = q["tests"]["test"]
+    assert 0 <= t["auroc_vs_heldout_id"] <= 1 and len(t["images"]) == 2
     assert [p["name"] for p in q["per_image"]] == [r["name"] for r in report["masks"]["images"]]
     for p in q["per_image"]:
-        assert p["typical"] == (p["score"] >= q["threshold"]) and 0 <= p["typical_fraction"] <= 1
+        assert p["typical"] == (p["typical_fraction"] >= 0.5) and 0 <= p["typical_fraction"] <= 1
+    assert q["typical_images"] == sum(p["typical"] for p in q["per_image"])
+
+
+def test_report_qc_is_the_command(run, report, tmp_path):
+    "matseg ood with its defaults on the same job and split gives the report's numbers exactly."
+    from matseg.ood import cli_ood
+    prof, _, jdir = run
+    ref = f"{jdir.parent.name}:test"
+    assert cli_ood([str(jdir), "--profile", str(prof), "--test", ref, "--device", "cpu", "--out", str(tmp_path)]) == 0
+    s = json.loads((tmp_path / "summary.json").read_text())
+    q = report["qc"]
+    assert s["threshold"] == q["threshold"] and s["detector_validated"] == q["detector_validated"]
+    assert s["tests"][ref]["scores"] == q["tests"]["test"]["scores"]
 
 
 def test_qc_and_heatmaps_switched_off(run, tmp_path, monkeypatch):
@@ -264,6 +291,7 @@ def test_real_super1_report(nasa, tmp_path):
     jdir = tmp_path / "runs" / "super1" / job.id
     rep = build_report(jdir, tmp_path / "profile.json", n_images=2, device="cpu", heatmap_size=128)
     assert rep["masks"]["n_images"] == 4 and rep["masks"]["classes"][0] == "gamma_matrix"
-    assert rep["qc"]["available"] and rep["qc"]["tile"] == 256 and rep["qc"]["n_train_crops"] == 40
+    assert rep["qc"]["available"] and rep["qc"]["tile"] == 256 and rep["qc"]["n_id_images"] == 14
+    assert rep["qc"]["threshold"]["threshold"] is not None  # 7 held-out groups x 4 crops
     assert all(h.get("validation_ratio") is not None for h in rep["heatmaps"]["items"])
     assert external_refs((jdir / "report" / "report.html").read_text()) == []

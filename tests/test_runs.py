@@ -135,10 +135,11 @@ def test_every_reader_feeds_the_training_tensor(bench, tmp_path, monkeypatch):
     first_matches(train_x[0])
     build_report(jdir, None, n_images=1, ood=False, heatmaps=False, out=tmp_path / "rep", device="cpu")
     first_matches(train_x[0])
-    assert cli_ood([str(jdir), "--id", "toy:train", "--test", str(files[0]), "--tile", "32", "--k", "2",
-                    "--device", "cpu", "--out", str(tmp_path / "ood")]) == 0
-    seen[:] = seen[-1:]  # the test image's crops are embedded last; the first is its top-left corner
-    first_matches(train_x[0])
+    assert cli_ood([str(jdir), "--id", "toy:train,val", "--test", str(files[0]), "--tile", "32", "--k", "2",
+                    "--shift", "noise", "--device", "cpu", "--out", str(tmp_path / "ood")]) == 0
+    # ID images come first, then the test file, then the shift sets; the test file's top-left crop is the training tensor's
+    assert any(x.shape[-2:] == (32, 32) and torch.allclose(x[0], train_x[0][:, :32, :32], atol=1e-5) for x in seen)
+    seen.clear()
     ce = CounterfactualExplorer.from_job(R.TrainedJob.open(jdir, device="cpu"), files[0], patch=16, stride=16)
     first_matches(train_x[0])
     assert ce.pred.shape == (64, 64)

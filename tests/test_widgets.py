@@ -13,7 +13,8 @@ from sklearn.metrics import f1_score, precision_score, recall_score, roc_auc_sco
 from matseg.core import MatsegError, asset_path
 from matseg.profile import load_profile, parse_profile, profile_to_dict
 from matseg.widgets import (CounterfactualExplorer, OODViewer, ProfileBuilder, TrainLauncher, builder_state_to_profile_dict,
-                            figure_to_png, profile_to_builder_state, selection_to_region, threshold_readouts, validate_dict)
+                            figure_to_png, profile_to_builder_state, readouts_html, selection_to_region, threshold_readouts,
+                            validate_dict)
 
 SAMPLE = asset_path("profiles", "sample.json")
 
@@ -106,12 +107,17 @@ def test_threshold_readouts_vs_sklearn(t):
     assert r["precision"] == pytest.approx(precision_score(y, s >= t, zero_division=0))
     assert r["recall"] == pytest.approx(recall_score(y, s >= t))
     assert r["f1"] == pytest.approx(f1_score(y, s >= t))
-    assert r["n_flagged"] == (tests < t).sum() and r["ready"] is False
+    assert r["n_flagged"] == (tests < t).sum() and r["pass_rate"] == pytest.approx((tests >= t).mean())
+    assert r["separable"] is False  # AUROC ~0.85 < 0.95
 
 
-def test_readiness_flag():
-    assert threshold_readouts([5, 6, 7], [0, 1], 3)["ready"] is True
-    assert threshold_readouts([5, 6, 7], [0, 6.5], 3, deployment_threshold=0.95)["ready"] is False
+def test_separable_flag_has_its_honest_name():
+    "A separated test set is 'separable' (shifted), never 'READY'; the same distribution is not separable."
+    assert threshold_readouts([5, 6, 7], [0, 1], 3)["separable"] is True
+    assert threshold_readouts([5, 6, 7], [0, 6.5], 3, deployment_threshold=0.95)["separable"] is False
+    rng = np.random.default_rng(2)
+    assert threshold_readouts(rng.normal(size=400), rng.normal(size=400), 0.0)["separable"] is False
+    assert "READY" not in readouts_html(threshold_readouts([5, 6, 7], [0, 1], 3)).replace("VALIDATED", "")
 
 
 def test_ood_viewer_slider_updates_readouts():
