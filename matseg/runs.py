@@ -32,18 +32,21 @@ from .core import MatsegError, atomic_path, atomic_write_json, atomic_write_text
 from .data import load_dataset, normalize, pair_files, read_image
 from .metrics import AGGREGATION, count_parameters, time_inference
 from .models import (LITE0, cached_hub_file, efficientnet_lite0_file, encoder_features, input_stats, load_checkpoint,
-                     save_checkpoint, sha256_file, weights_file, build_model)
+                     model_head, save_checkpoint, sha256_file, weights_file, build_model)
 from .profile import WEIGHTS_KEYWORDS, compile_profile, load_profile, profile_to_dict
-from .train import (CropSampler, EarlyStopping, JobData, evaluate, get_rng_state, inverse_frequency_weights, make_loss,
-                    make_optimizer, predict_tiled, prepare_data, seed_everything, set_rng_state, train_step)
+from .train import (CropSampler, EarlyStopping, JobData, calibrate, check_method, evaluate, fit_temperature,
+                    get_rng_state, inverse_frequency_weights, make_loss, make_optimizer, predict_tiled,
+                    predict_uncertainty_tiled, prepare_data, seed_everything, set_rng_state, train_step,
+                    uncertainty_default)
+
 
 # %% auto #0
 __all__ = ['RESULT', 'CHECKPOINT', 'STATE', 'HISTORY', 'NOTEBOOK', 'PROFILES', 'SUPERSEDED', 'LOCK', 'GENERATIONS', 'CURRENT',
-           'SUMMARY', 'PIPELINE_VERSION', 'METRICS', 'JOB_COLUMNS', 'KEYS', 'ALPHA', 'job_dir', 'profile_file',
-           'notebook_file', 'clean_temp', 'RunLock', 'weights_identity', 'data_identity', 'data_fingerprint',
-           'job_spec', 'grid_specs', 'spec_hash', 'spec_changes', 'stored_spec', 'check_jobs', 'supersede',
-           'conflict_error', 'job_input_stats', 'InputPipeline', 'tile_size', 'find_checkpoint', 'find_profile',
-           'TrainedJob', 'train_job', 'save_run_profile', 'prepare_grid', 'run_jobs', 'collect_results',
+           'SUMMARY', 'PIPELINE_VERSION', 'MC_SAMPLES', 'METRICS', 'JOB_COLUMNS', 'CALIBRATION', 'KEYS', 'ALPHA',
+           'job_dir', 'profile_file', 'notebook_file', 'clean_temp', 'RunLock', 'weights_identity', 'data_identity',
+           'data_fingerprint', 'job_spec', 'grid_specs', 'spec_hash', 'spec_changes', 'stored_spec', 'check_jobs',
+           'supersede', 'conflict_error', 'job_input_stats', 'InputPipeline', 'tile_size', 'find_checkpoint',
+           'find_profile', 'TrainedJob', 'train_job', 'save_run_profile', 'prepare_grid', 'run_jobs', 'collect_results',
            'results_frame', 'results_dataset', 'save_results', 'compare_seeds', 'recommend', 'select_best',
            'summary_table', 'ranking', 'best_table', 'iou_heatmap', 'markdown_table', 'write_summary', 'Run']
 
@@ -507,6 +510,28 @@ class TrainedJob:
         size = self.tile_for(x.shape[-2:])
         return predict_tiled(self.model, x, self.n_classes, size, min(self.overlap, size // 2), amp=self.amp).float().cpu()
 
+    def uncertainty(self, x: torch.Tensor,  # model tensor (C, H, W) (`.prepare` / `.from_unit`)
+                    method: str | None = None,  # "mc" | "evidential" | "softmax"; None: what the job was trained for
+                    samples: int = 20,  # MC-dropout passes T (one batch per tile)
+                   ) -> dict[str, torch.Tensor]:
+        "Uncertainty maps on the CPU by tiled inference (`matseg.train.predict_uncertainty_tiled`)."
+        method = check_method(self.model, method or uncertainty_default(self.model), samples)
+        size = self.tile_for(x.shape[-2:])
+        maps = predict_uncertainty_tiled(self.model, x, self.n_classes, size, min(self.overlap, size // 2), method,
+                                         samples, amp=self.amp)
+        return {k: v.float().cpu() for k, v in maps.items()}
+
+    def calibrate(self, split: str = "test",  # split of the job's dataset
+                  method: str | None = None,  # None: what the job was trained for
+                  samples: int = 20,  # MC passes
+                 ) -> dict:
+        "Calibration of a split (`matseg.train.calibrate`: ECE, per-class ECE, reliability bins, uncertainty AUROC)."
+        d = self.load_split(split)
+        size = self.tile_for(d["x"].shape[-2:])
+        return calibrate(self.model, d["x"], torch.from_numpy(d["masks"]), self.n_classes, size,
+                         min(self.overlap, size // 2), method, samples,
+                         ignore_index=getattr(self.spec(), "ignore_index", None), amp=self.amp)
+
     def predict(self, x: torch.Tensor) -> np.ndarray:
         "Predicted classes (H, W) uint8."
         return self.probs(x).argmax(0).to(torch.uint8).numpy()
@@ -540,6 +565,7 @@ class TrainedJob:
                 "files": [str(f) for f in np.asarray(ds["file"].values)[sel]],
                 "unit": unit, "x": self.from_unit(unit, f"dataset {spec.name!r}"),
                 "masks": np.asarray(ds["mask"].values[sel]), "channels": list(spec.channels)}
+
 
 # %% ../nbs/05a_runs.ipynb #34b85027
 def _stop_fn(stop) -> Callable[[], bool]:
@@ -587,6 +613,36 @@ def _existing(job, jdir: Path, spec: dict, h: str, out_dir, rerun: bool) -> dict
 def _finite_or_diverged(value: float, what: str, epoch: int) -> str | None:
     return None if math.isfinite(value) else f"{what} is {value} at epoch {epoch}"
 
+MC_SAMPLES = 20  # MC-dropout passes of a job's test-split calibration
+
+def _calibration(best, ckpt: Path, tr, job, val, test, K: int, size: int, ig, amp: bool) -> dict:
+    "Test-split calibration (ECE, AUROC of the uncertainty) before and after temperature scaling (fitted on val, saved)."
+    best.matseg_head["temperature"] = 1.0  # "before" is the raw model, also when resuming after a fitted T was saved
+    method = uncertainty_default(best)
+    run = lambda: calibrate(best, test[0], test[1], K, size, tr.tile_overlap, method, MC_SAMPLES,  # noqa: E731
+                            ignore_index=ig, amp=amp) if len(test[2]) else None
+    before, out = run(), {"calibration": {}}
+    cols = {}
+    if before is not None:
+        out["calibration"]["test"] = before
+        cols = {"ece": before["ece"], "ece_per_class": before["ece_per_class"],
+                "uncertainty_auroc": before["uncertainty_auroc"], "mean_uncertainty": before["mean_uncertainty"],
+                "uncertainty_method": method, "uncertainty_measure": before["measure"]}
+    if getattr(tr, "temperature_scaling", False):
+        fit = fit_temperature(best, val[0], val[1], size, ignore_index=ig, seed=int(job.seed), amp=amp)
+        best.matseg_head["temperature"] = fit["temperature"]
+        side = json.loads(ckpt.with_suffix(".json").read_text())
+        keep = {k: v for k, v in side.items() if k not in ("format", "tensors", "sha256", "versions", "head")}
+        save_checkpoint(ckpt, best, keep)  # the sidecar's head records T: TrainedJob.open applies it
+        out["temperature"] = fit
+        after = run()
+        if after is not None:
+            out["calibration"]["test_temperature"] = after
+            cols.update(ece_temperature=after["ece"], ece_per_class_temperature=after["ece_per_class"],
+                        uncertainty_auroc_temperature=after["uncertainty_auroc"])
+    out["columns"] = cols
+    return out
+
 def train_job(job,  # a `matseg.profile.Job`
               out_dir: str | Path,  # run folder; the job writes into OUT/<dataset>/<job_id>
               device="auto",  # "auto", "cpu", "cuda", ...
@@ -632,12 +688,14 @@ def _train(job, out_dir, jdir, res_path, spec, h, device, data, callbacks, stop,
         torch.use_deterministic_algorithms(True, warn_only=True)
     elif cuda: torch.backends.cudnn.benchmark = True
     model = build_model(job.encoder, job.decoder, in_channels=data.in_channels, classes=K,
-                        weights=getattr(job, "weights_path", job.weights)).to(dev)
+                        weights=getattr(job, "weights_path", job.weights), dropout=getattr(tr, "dropout", 0.0),
+                        decoder_dropout=getattr(tr, "decoder_dropout", False), head=getattr(tr, "head", "softmax")).to(dev)
     if cuda: model = model.to(memory_format=torch.channels_last)
     opt, sched = make_optimizer(model, tr)
     cw = inverse_frequency_weights(ytr, K).to(dev) if tr.class_weights else None
     ig = getattr(job.dataset, "ignore_index", None)  # unlabelled pixels: skipped by the loss and every metric
-    loss_fn = make_loss(tr.loss, cw, ignore_index=ig)
+    loss_fn = make_loss(tr.loss, cw, ignore_index=ig, head=getattr(tr, "head", "softmax"),
+                        anneal=getattr(tr, "evidential_anneal", 10), uncertainty=getattr(tr, "uncertainty_loss", False))
     sampler = CropSampler(xtr, ytr, size, tr.batch_size, seed=job.seed, augment=tr.augment, device=dev,
                           crops_per_image=getattr(tr, "crops_per_image", None))
     stopper = EarlyStopping(tr.patience)
@@ -659,6 +717,7 @@ def _train(job, out_dir, jdir, res_path, spec, h, device, data, callbacks, stop,
     for epoch in range(start, tr.max_epochs):
         if stopper.should_stop: break
         t0 = time.perf_counter(); model.train(); total = torch.zeros((), device=dev); n = 0
+        loss_fn.set_epoch(epoch)  # the evidential KL weight min(1, epoch / evidential_anneal)
         for x, y in tqdm(sampler, desc=f"epoch {epoch + 1}", leave=False, disable=not progress):
             if stop_now(): stopped = True; break
             total += train_step(fwd, x, y, loss_fn, opt, amp); n += 1
@@ -713,7 +772,9 @@ def _train(job, out_dir, jdir, res_path, spec, h, device, data, callbacks, stop,
             m, _ = evaluate(best, xs, ys, K, size, tr.tile_overlap, amp=amp, boundary=True, tolerance=tol,
                             rule=rule, ignore_index=ig)
             metrics[split] = m
-    result = {**base, "status": "done", "params": int(count_parameters(best)),
+    calib = _calibration(best, ckpt, tr, job, (xva, yva, nva), (xte, yte, nte), K, size, ig, amp)
+    if "test" in metrics: metrics["test"].update(calib.pop("columns"))
+    result = {**base, "status": "done", "params": int(count_parameters(best)), **calib,
               "infer_ms": _time_inference(best, (1, data.in_channels, size, size), dev, amp), "infer_tile": size,
               "best_epoch": stopper.best_epoch + 1 if stopper.best_epoch >= 0 else len(history),
               "stopped_early": len(history) < tr.max_epochs, "metrics": metrics}
@@ -722,6 +783,7 @@ def _train(job, out_dir, jdir, res_path, spec, h, device, data, callbacks, stop,
     state_path.unlink(missing_ok=True)
     for hk in _hooks(callbacks, "on_job_end"): hk(result)
     return result
+
 
 # %% ../nbs/05a_runs.ipynb #ebcddf34
 def save_run_profile(profile,  # the effective profile (overrides applied)
@@ -783,6 +845,7 @@ def run_jobs(profile,  # a `Profile` or a list of `Job`s
 # %% ../nbs/05a_runs.ipynb #3bf2247b
 METRICS = ("iou", "dice", "pixel_accuracy", "wiou", "boundary_f1")
 JOB_COLUMNS = ("epochs", "best_epoch", "train_seconds", "params", "infer_ms")
+CALIBRATION = ("ece", "ece_temperature", "uncertainty_auroc")  # test split only (NaN on val and for older results)
 KEYS = ("dataset", "encoder", "decoder", "seed", "split")
 
 def collect_results(out_dir: str | Path,  # run folder of `matseg bench`
@@ -808,13 +871,15 @@ def results_frame(results: list[dict],  # from `collect_results`
             row = {"dataset": r["dataset"], "encoder": r["encoder"], "decoder": r["decoder"], "seed": int(r["seed"]),
                    "split": split, "iou": m["miou"], "dice": m["dice"], "pixel_accuracy": m["pixel_accuracy"],
                    "wiou": m["wiou"], "boundary_f1": m.get("boundary_f1", math.nan),
+                   **{k: m.get(k, math.nan) if m.get(k) is not None else math.nan for k in CALIBRATION},
                    **{k: r[k] for k in JOB_COLUMNS}, "weights": r["weights"], "device": r["device"],
                    "modality": r.get("modality", ""), "material": r.get("material", ""),
                    "profile": r.get("profile") or ""}
             row.update({f"iou_{c}": v for c, v in zip(r["classes"], m["iou"])})
             rows.append(row)
-    cols = [*KEYS, *METRICS, *JOB_COLUMNS, "weights", "device", "modality", "material", "profile"]
+    cols = [*KEYS, *METRICS, *CALIBRATION, *JOB_COLUMNS, "weights", "device", "modality", "material", "profile"]
     return pd.DataFrame(rows, columns=None if rows else cols)
+
 
 # %% ../nbs/05a_runs.ipynb #36382e18
 def results_dataset(results: list[dict],  # from `collect_results`
@@ -822,7 +887,7 @@ def results_dataset(results: list[dict],  # from `collect_results`
     "The results as an `xarray.Dataset` (dataset × encoder × decoder × seed × split [× class])."
     frame = results_frame(results)
     if frame.empty: raise MatsegError("no finished jobs to collect; run `matseg bench` first (no result.json found)")
-    ds = frame.set_index(list(KEYS))[list(METRICS)].astype(float).to_xarray()
+    ds = frame.set_index(list(KEYS))[[*METRICS, *CALIBRATION]].astype(float).to_xarray()
     jobs = frame.drop_duplicates(list(KEYS[:-1])).set_index(list(KEYS[:-1]))
     for v in JOB_COLUMNS: ds[v] = jobs[v].astype(float).to_xarray()
     ds["weights"] = jobs["weights"].astype(str).to_xarray().fillna("").astype(str)
@@ -847,6 +912,7 @@ def save_results(ds,  # from `results_dataset`
     "Write the results atomically as netCDF (h5netcdf engine)."
     with atomic_path(path) as tmp: ds.to_netcdf(tmp, engine="h5netcdf")
     return Path(path)
+
 
 # %% ../nbs/05a_runs.ipynb #bac2002b
 ALPHA = 0.05  # level of each comparison with the best

@@ -546,11 +546,11 @@ class Calibration:
         return float((r[w].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
     def reliability(self) -> dict:
-        "Top-label reliability bins: edges, count, mean confidence and accuracy per bin (NaN where empty)."
+        "Top-label reliability bins (the last holds confidence exactly 1): edges, count, mean confidence and accuracy (None where empty)."
         c, sc, sa = self.top
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return {"edges": np.linspace(0, 1, self.n_bins + 1).tolist(), "count": c.numpy().tolist(),
-                    "confidence": (sc / c).numpy().tolist(), "accuracy": (sa / c).numpy().tolist()}
+        mean = lambda v: [float(a / n) if n else None for a, n in zip(v.tolist(), c.tolist())]  # noqa: E731
+        return {"edges": np.linspace(0, 1, self.n_bins + 1).tolist(), "count": c.tolist(),
+                "confidence": mean(sc), "accuracy": mean(sa)}
 
     def result(self) -> dict:
         "Everything as plain JSON: ece, ece_per_class, uncertainty_auroc, mean_uncertainty, counts and the sample size."
