@@ -262,15 +262,14 @@ def grid_events(client: Client,  # a `dask.distributed.Client`
             ev = events.get()
             if ev["event"] != "finished": yield ev; continue
             jid, fut = ev["job"], ev["future"]; left.discard(jid)
-            if fut.status == "finished":
-                r = fut.result()
-                yield {"event": "done", "job": jid, "result": r, "reused": False}
-            else:
-                err, tb = _format_failure(fut)
-                yield {"event": "failed", "job": jid, "error": err, "traceback": tb}
+            if fut.status == "finished": r = {"event": "done", "job": jid, "result": fut.result(), "reused": False}
+            elif fut.status == "cancelled": r = {"event": "failed", "job": jid, "error": "cancelled", "traceback": ""}
+            else: r = {"event": "failed", "job": jid, **dict(zip(("error", "traceback"), _format_failure(fut)))}
+            futures.pop(jid).release()  # the result is read: a worker lost later must not recompute it
+            yield r
     finally:
         client.unsubscribe_topic(topic)
-        for f in futures.values(): f.release()
+        client.cancel(list(futures.values()))  # the consumer stopped early: drop what is still queued
 
 def _line(r: dict) -> str:
     m = (r.get("metrics") or {}).get("test") or (r.get("metrics") or {}).get("val") or {}
@@ -314,3 +313,4 @@ def run_grid(client: Client,  # a `dask.distributed.Client`
         finally:
             bar.close()
     return {"results": [results[j.id] for j in jobs if j.id in results], "failed": failed}
+
