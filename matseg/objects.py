@@ -18,25 +18,17 @@ from .core import MatsegError
 from .metrics import _check_ignore, _check_range, _pair
 
 # %% auto #0
-__all__ = ['CONNECTIVITY', 'DEFECT_METRICS', 'components', 'overlaps', 'match_pairs', 'instance_scores', 'DefectCounter',
-           'defect_columns']
+__all__ = ['CONNECTIVITY', 'DEFECT_METRICS', 'components', 'instance_labels', 'overlaps', 'match_pairs', 'instance_scores',
+           'DefectCounter', 'defect_columns']
 
 # %% ../nbs/04b_objects.ipynb #02666f34
 CONNECTIVITY = 8  # 2-D neighbourhood of a component: edges and corners
 _STRUCTURE = np.ones((3, 3), bool)
 
-def components(mask,  # (H, W) boolean map of one class
-               min_size: int = 0,  # drop components with fewer (labelled) pixels than this
-               valid=None,  # (H, W) boolean map of labelled pixels (None: every pixel)
-              ) -> tuple[np.ndarray, np.ndarray]:
-    "8-connected components of `mask`: labels (H, W) int32 (0 = none, 1..n) and each one's area over `valid` pixels."
-    m = np.asarray(mask, dtype=bool)
-    if m.ndim != 2:
-        raise MatsegError(f"components: mask has shape {m.shape}; pass one 2-D (H, W) map (loop over a batch)")
-    if min_size < 0: raise MatsegError(f"components: min_size={min_size}; use 0 (keep all) or a positive pixel count")
-    lab, n = ndimage.label(m, structure=_STRUCTURE)
+def _keep_large(lab: np.ndarray, n: int, min_size: int, valid) -> tuple[np.ndarray, np.ndarray]:
+    "Drop labels 1..n with fewer than max(min_size, 1) pixels on `valid`; relabel 1..m; their areas."
     counted = lab if valid is None else np.where(np.asarray(valid, dtype=bool), lab, 0)
-    area = np.bincount(counted.ravel(), minlength=n + 1)[1:]
+    area = np.bincount(counted.ravel(), minlength=n + 1)[1:n + 1]
     keep = area >= max(min_size, 1)
     if not keep.all():
         remap = np.zeros(n + 1, np.int32)
@@ -44,7 +36,35 @@ def components(mask,  # (H, W) boolean map of one class
         lab, area = remap[lab], area[keep]
     return lab.astype(np.int32, copy=False), area.astype(np.int64)
 
-# %% ../nbs/04b_objects.ipynb #0955a7dd
+def _check_map(m: np.ndarray, min_size, what: str):
+    if m.ndim != 2: raise MatsegError(f"{what}: map has shape {m.shape}; pass one 2-D (H, W) map (loop over a batch)")
+    if min_size < 0: raise MatsegError(f"{what}: min_size={min_size}; use 0 (keep all) or a positive pixel count")
+
+def components(mask,  # (H, W) boolean map of one class
+               min_size: int = 0,  # drop components with fewer (labelled) pixels than this
+               valid=None,  # (H, W) boolean map of labelled pixels (None: every pixel)
+              ) -> tuple[np.ndarray, np.ndarray]:
+    "8-connected components of `mask`: labels (H, W) int32 (0 = none, 1..n) and each one's area over `valid` pixels."
+    m = np.asarray(mask, dtype=bool)
+    _check_map(m, min_size, "components")
+    lab, n = ndimage.label(m, structure=_STRUCTURE)
+    return _keep_large(lab, n, min_size, valid)
+
+def instance_labels(ids,  # (H, W) int instance ids (0 = none), e.g. the `instances` of a COCO dataset
+                    mask,  # (H, W) boolean map of the class (an instance's pixels outside it are not counted)
+                    min_size: int = 0,  # drop instances with fewer (labelled) pixels than this
+                    valid=None,  # (H, W) boolean map of labelled pixels (None: every pixel)
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    "Annotated instances of one class as labels 1..n (in id order) and their areas: `components` for true instances."
+    ids = np.asarray(ids)
+    if ids.dtype.kind not in "iu": raise MatsegError(f"instance ids have dtype {ids.dtype}; pass integer ids (0 = none)")
+    _check_map(ids, min_size, "instance_labels")
+    ids = np.where(np.asarray(mask, dtype=bool), ids, 0)
+    u, inv = np.unique(ids, return_inverse=True)
+    lab = inv.reshape(ids.shape) + (0 if u[0] == 0 else 1)
+    return _keep_large(lab, len(u) - int(u[0] == 0), min_size, valid)
+
+# %% ../nbs/04b_objects.ipynb #eda8ef71
 def overlaps(pred_labels: np.ndarray,  # (H, W) int labels of predicted components (0 = none)
              true_labels: np.ndarray,  # (H, W) int labels of true components (0 = none)
              pred_area: np.ndarray,  # area of each predicted component (over labelled pixels)
@@ -88,7 +108,7 @@ def match_pairs(pi: np.ndarray,  # pred index of each overlapping pair
         keep[e] = [(a, b) in chosen for a, b in zip(r, c)]
     return pi[keep], ti[keep], iou[keep]
 
-# %% ../nbs/04b_objects.ipynb #e27e8c89
+# %% ../nbs/04b_objects.ipynb #16a8817c
 def _ratio(a: float, b: float) -> float: return a / b if b else math.nan
 
 def instance_scores(tp: int,  # matched detections
@@ -100,7 +120,7 @@ def instance_scores(tp: int,  # matched detections
     return {"precision": _ratio(tp, tp + fp), "recall": _ratio(tp, tp + fn), "f1": _ratio(2 * tp, 2 * tp + fp + fn),
             "sq": _ratio(iou_sum, tp), "rq": _ratio(tp, tp + 0.5 * (fp + fn)), "pq": _ratio(iou_sum, tp + 0.5 * (fp + fn))}
 
-# %% ../nbs/04b_objects.ipynb #dfdbe270
+# %% ../nbs/04b_objects.ipynb #07e6a753
 _FIELDS = ("tp", "fp", "fn", "iou_sum", "n_pred", "n_true")
 
 class DefectCounter:
@@ -145,11 +165,18 @@ class DefectCounter:
 
     def update(self, pred,  # predicted class indices (H, W) or (N, H, W), torch or numpy
                target,  # true class indices, same shape
+               true_instances=None,  # optional annotated instance ids of the truth, same shape (0 = none)
               ):
-        "Add the instance counts of these images."
+        "Add the instance counts of these images (true defects: `true_instances` if given, else components)."
         p, t = _pair(pred, target)
         if p.ndim == 2: p, t = p[None], t[None]
         if p.ndim != 3: raise MatsegError(f"masks have shape {tuple(p.shape)}; pass (H, W) or (N, H, W) class indices")
+        if true_instances is not None:
+            ti_ = true_instances.cpu().numpy() if hasattr(true_instances, "cpu") else np.asarray(true_instances)
+            if ti_.ndim == 2: ti_ = ti_[None]
+            if ti_.shape != tuple(p.shape):
+                raise MatsegError(f"true_instances shape {ti_.shape} differs from the masks' {tuple(p.shape)}; pass the "
+                                  "instance ids of the same images")
         keep = t != self.ignore_index if self.ignore_index is not None else None
         _check_range(t if keep is None else t[keep], self.n_classes, "target"); _check_range(p, self.n_classes, "pred")
         p, t = p.cpu().numpy(), t.cpu().numpy()
@@ -158,7 +185,8 @@ class DefectCounter:
             for c in self.defect_classes:
                 k = self.classes.index(c)
                 pl, pa = components(p[i] == k, self.min_size, valid)
-                tl, ta = components(t[i] == k, self.min_size, valid)
+                tl, ta = (components(t[i] == k, self.min_size, valid) if true_instances is None
+                          else instance_labels(ti_[i], t[i] == k, self.min_size, valid))
                 pi, ti, iou = overlaps(pl, tl, pa, ta, valid)
                 for th in self.thresholds:
                     mi = match_pairs(pi, ti, iou, th)[2]; m = len(mi)
@@ -187,7 +215,7 @@ class DefectCounter:
     def __repr__(self):
         return f"DefectCounter({self.defect_classes}, thresholds={self.thresholds}, images={self.images})"
 
-# %% ../nbs/04b_objects.ipynb #cecba3ee
+# %% ../nbs/04b_objects.ipynb #753b81e4
 DEFECT_METRICS = ("precision", "recall", "f1", "pq", "sq", "tp", "fp", "fn", "n_true")
 
 def defect_columns(scores: dict,  # `DefectCounter.scores()` (or the `defects` entry of a result's split metrics)

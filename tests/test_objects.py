@@ -11,7 +11,8 @@ from scipy import ndimage
 from skimage.measure import label as sk_label
 
 from matseg.core import MatsegError
-from matseg.objects import CONNECTIVITY, DefectCounter, components, defect_columns, instance_scores, match_pairs, overlaps
+from matseg.objects import (CONNECTIVITY, DefectCounter, components, defect_columns, instance_labels, instance_scores,
+                            match_pairs, overlaps)
 
 
 def _rects(rng, shape=(20, 20), n=4):
@@ -40,14 +41,14 @@ def test_components_match_skimage_connectivity_2(seed):
     assert sorted(area.tolist()) == sorted(np.bincount(ref.ravel())[1:].tolist())
 
 
-def _oracle(pred, true, threshold, min_size=0, valid=None):
+def _oracle(pred, true, threshold, min_size=0, valid=None, true_ids=None):
     "(tp, fp, fn, iou_sum) by skimage labels, IoU from pixel sets and exhaustive search over one-to-one assignments."
     valid = np.ones(pred.shape, bool) if valid is None else valid
-    def comps(m):
-        lab = sk_label(m, connectivity=2)
-        sets = [frozenset(zip(*np.nonzero((lab == k) & valid))) for k in range(1, lab.max() + 1)]
+    def comps(m, ids=None):
+        lab = sk_label(m, connectivity=2) if ids is None else np.where(m, ids, 0)
+        sets = [frozenset(zip(*np.nonzero((lab == k) & valid))) for k in np.unique(lab[lab > 0])]
         return [s for s in sets if len(s) >= max(min_size, 1)]
-    P, T = comps(pred), comps(true)
+    P, T = comps(pred), comps(true, true_ids)
     iou = np.array([[len(a & b) / len(a | b) for b in T] for a in P]).reshape(len(P), len(T))
     best = (0, 0.0)
     for k in range(min(len(P), len(T)), 0, -1):
@@ -183,3 +184,21 @@ def test_pq_equals_torchmetrics_panoptic_quality(seed):
     s = DefectCounter(["bg", "crack"], ["crack"]).update(np.stack(P).astype(int), np.stack(T).astype(int)).scores()["crack"]["0.5"]
     assert s["tp"] > 0 and s["fp"] + s["fn"] > 0
     assert np.allclose([s["pq"], s["sq"], s["rq"]], ref[0].numpy(), atol=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_true_instances_equal_brute_force(seed):
+    # overlapping annotated rectangles (later ids drawn over earlier ones), a class map that cuts some away
+    rng = np.random.default_rng(200 + seed)
+    ids = np.zeros((20, 20), np.int64)
+    for k in rng.choice(np.arange(1, 50), 5, replace=False):
+        y, x = rng.integers(0, 16, 2); ids[y:y + rng.integers(2, 8), x:x + rng.integers(2, 8)] = k
+    target = np.where(ids > 0, 1, 0); target[:, rng.integers(0, 20)] = 0
+    pred = (np.roll(target, rng.integers(-1, 2, 2), (0, 1)) > 0) | _rects(rng, n=1)
+    dc = DefectCounter(["bg", "pool"], ["pool"], thresholds=(0.2,), min_size=2).update(pred, target, true_instances=ids)
+    lab, area = instance_labels(ids, target == 1, min_size=2)
+    assert dc.counts["pool"][0.5]["n_true"] == len(area) == len({*np.unique(lab)} - {0})
+    for t in (0.2, 0.5):
+        s = dc.scores()["pool"][f"{t:g}"]
+        tp, fp, fn, iou_sum = _oracle(pred, target == 1, t, min_size=2, true_ids=ids)
+        assert (s["tp"], s["fp"], s["fn"]) == (tp, fp, fn) and math.isclose(s["iou_sum"], iou_sum, abs_tol=1e-9)
