@@ -9,6 +9,7 @@ import math
 from typing import Sequence
 
 import numpy as np
+import pandas as pd
 from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 from scipy.sparse import coo_matrix
@@ -19,7 +20,7 @@ from .metrics import _check_ignore, _check_range, _pair
 
 # %% auto #0
 __all__ = ['CONNECTIVITY', 'DEFECT_METRICS', 'components', 'instance_labels', 'overlaps', 'match_pairs', 'instance_scores',
-           'DefectCounter', 'defect_columns']
+           'DefectCounter', 'defect_columns', 'defect_table']
 
 # %% ../nbs/04b_objects.ipynb #02666f34
 CONNECTIVITY = 8  # 2-D neighbourhood of a component: edges and corners
@@ -223,3 +224,24 @@ def defect_columns(scores: dict,  # `DefectCounter.scores()` (or the `defects` e
                   ) -> dict:
     "Flat columns `defect_<metric>_<class>@<threshold>` of defect-instance scores."
     return {f"defect_{m}_{c}@{t}": v[m] for c, by_t in scores.items() for t, v in by_t.items() for m in metrics}
+
+# %% ../nbs/04b_objects.ipynb #70da863a
+def defect_table(frame: pd.DataFrame,  # results with keys dataset, encoder, decoder, seed, split and defect_* columns
+                 split: str = "test",  # which split
+                 metrics: Sequence[str] = ("precision", "recall", "f1", "pq"),  # scores averaged over seeds
+                ) -> pd.DataFrame:
+    "Per (dataset, encoder, decoder): mean/std over seeds of defect scores, summed TP/FP/FN, n_seeds."
+    keys = ["dataset", "encoder", "decoder"]
+    missing = [c for c in (*keys, "seed", "split") if c not in frame.columns]
+    if missing: raise MatsegError(f"results frame lacks columns {missing}; pass `runs.results_frame` output")
+    cols = [c for c in frame.columns if c.startswith("defect_")]
+    if not cols: raise MatsegError("results frame has no defect_* columns; set task.defect_classes and rerun the jobs")
+    f = frame[frame["split"] == split]
+    if f.empty: raise MatsegError(f"no rows of split {split!r}; splits present: {sorted(frame['split'].unique())}")
+    g = f.groupby(keys, sort=False)
+    score = [c for c in cols if c.split("_")[1] in metrics]
+    count = [c for c in cols if c.split("_")[1] in ("tp", "fp", "fn")]
+    out = g["seed"].count().rename("n_seeds").to_frame()
+    for c in score: out[f"{c}_mean"], out[f"{c}_std"] = g[c].mean(), g[c].std()
+    for c in count: out[c] = g[c].sum(min_count=1)
+    return out.reset_index()
