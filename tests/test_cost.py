@@ -112,3 +112,15 @@ def test_cost_table_and_chart_two_datasets():
     fig = iou_latency_chart(pd.DataFrame(rows))
     assert [a.text for a in fig.layout.annotations] == ["super1", "ebc2"] and len(fig.data) == 4
     assert set(cost_columns({"params": 3, "peak_mem_mb": None})) == set(COST_COLUMNS)
+
+
+def test_cost_table_older_results_and_missing_costs():
+    # results of jobs from before the cost columns: latency from `infer_ms`, one job without any timing
+    rows = [dict(dataset="d", encoder=e, decoder="unet", seed=0, split="test", iou=iou, infer_ms=lat, params=1e6)
+            for e, iou, lat in (("a", 0.5, 3.0), ("b", 0.6, math.nan), ("c", 0.4, 4.0))]
+    t = cost_table(pd.DataFrame(rows), latency="infer_ms")
+    assert t["pareto"].tolist() == [True, False, False] and math.isnan(t["iou_std"][0])  # one seed: std unknown
+    fig = iou_latency_chart(pd.DataFrame(rows), latency="infer_ms")
+    assert "thread" not in fig.layout.title.text  # no thread count recorded: none claimed
+    with pytest.raises(MatsegError, match="lacks columns"):
+        cost_table(pd.DataFrame(rows))
