@@ -24,6 +24,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ood":      ("matseg.ood:cli_ood", "Forte OOD typicality of new images vs the training distribution"),
     "explain":  ("matseg.explain:cli_explain", "counterfactual heatmap of a prediction over a region"),
     "report":   ("matseg.report:cli_report", "build the feedback report (JSON + offline HTML) of a run"),
+    "uncertainty": ("matseg.uncertainty:cli_uncertainty", "MC-dropout / evidential uncertainty maps of images (NetCDF + PNG)"),
+    "compress": ("matseg.compress:cli_compress", "prune / int8-quantise / low-rank a checkpoint; trade-off table"),
+    "ablate":   ("matseg.ablate:cli_ablate", "ablation runner: variants x seeds of the grid, deltas vs full with paired tests"),
 }
 
 def _usage() -> str:
