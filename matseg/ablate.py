@@ -145,7 +145,8 @@ def paired_delta(variant,  # per-seed scores of the variant
     d = a - b; m = float(d.mean()); out.update(delta=m)
     if n == 1: return {**out, "verdict": "unknown (one seed: no noise estimate)"}
     sd = float(d.std(ddof=1))
-    if sd == 0: p, h = (1.0 if m == 0 else 0.0), 0.0  # every seed moved by exactly the same amount
+    if sd <= 1e-12 * max(1.0, abs(m)):  # every seed moved by the same amount (up to float round-off): exact
+        p, h = (1.0 if abs(m) <= 1e-12 else 0.0), 0.0
     else: p, h = float(stats.ttest_rel(a, b).pvalue), float(stats.t.ppf(1 - alpha / 2, n - 1)) * sd / math.sqrt(n)
     out.update(ci_low=m - h, ci_high=m + h, p_value=p)
     if n >= MIN_WILCOXON and np.any(d != 0): out["p_wilcoxon"] = float(stats.wilcoxon(a, b).pvalue)
