@@ -166,7 +166,8 @@ def explain_image(model,  # the job's model
            "mode": hm.attrs.get("mode"), "path": hm.attrs.get("path"), "fast_check_pearson": hm.attrs.get("fast_check_pearson"),
            "fast_top10_exact": hm.attrs.get("fast_top10_exact"),
            "seconds": float(hm.attrs["seconds"]), "max_influence": float(np.nanmax(hm.values)),
-           "validation_ratio": None if "error" in val else float(val["ratio"]), "validation": val}
+           "validation_ratio": None if "error" in val else float(val["ratio"]),
+           "validation_p": None if "error" in val else float(val["p_value"]), "validation": val}
     full = display_image(np.asarray(display if display is not None else image), channels)
     full = full.transpose(2, 0, 1) if full.ndim == 3 else full[None]
     win = np.asarray(overlay_png(full[:, y0:y0 + h, x0:x0 + w], upsample(hm, (h, w)), A))
@@ -363,7 +364,7 @@ def _gallery_fig(rep: dict, pngs: dict):
     titles = []
     for r in shown:
         titles += [f"{r['name']}", "ground truth", f"prediction (mIoU {_fmt(r.get('miou'))})"]
-        if hm: titles.append("heatmap H" + (f" (ratio {_fmt(hm[r['name']].get('validation_ratio'), 2)})" if r["name"] in hm else ": –"))
+        if hm: titles.append("heatmap H" + (f" (ratio {_fmt(hm[r['name']].get('validation_ratio'), 2)}, p {_fmt(hm[r['name']].get('validation_p'), 2)})" if r["name"] in hm else ": –"))
     fig = make_subplots(rows=len(shown), cols=cols, subplot_titles=titles, horizontal_spacing=0.02,
                         vertical_spacing=0.06 / max(1, len(shown)) + 0.02)
     for i, r in enumerate(shown, 1):
@@ -459,7 +460,7 @@ def render_html(rep: dict,  # the report record (as written to report.json)
         h_rows=[(it["name"], it.get("region", it.get("error")), it.get("region_pixels"),
                  f"{it['patch']}/{it['stride']}" if "patch" in it else None, it.get("n_locations"),
                  f"{it.get('mode')} ({it.get('path')})" if "mode" in it else None, it.get("fast_check_pearson"),
-                 it.get("validation_ratio"), it.get("seconds")) for it in H.get("items") or []],
+                 it.get("validation_ratio"), it.get("validation_p"), it.get("seconds")) for it in H.get("items") or []],
         fig_heatmaps=Markup(_fig_html(hf, "fig-heatmaps")) if hf is not None else None,
         profile_json=json.dumps({"profile": rep["profile"], "job": rep["job"]}, indent=2),
         table=_table, fmt=_fmt)

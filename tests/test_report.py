@@ -128,6 +128,7 @@ def test_heatmaps(report):
         assert it["window"]["height"] == 64 and it["patch"] == 8 and it["n_locations"] == 64
         assert np.array(it["grid"]).shape == (8, 8) and np.isfinite(it["grid"]).all() and it["max_influence"] > 0
         assert it["validation_ratio"] is not None and it["validation_ratio"] > 0
+        assert 0 < it["validation_p"] <= 1 and it["validation"]["n_draws"] >= 1  # the fair test's p-value
         assert it["region_pixels"] > 0 and it["overlay"].endswith(".png")
 
 
