@@ -15,11 +15,17 @@ the timing matters). Per model:
     python bench/heatmap_speed.py                   # CPU, 1 thread, both models (~5 min)
     python bench/heatmap_speed.py --device cuda     # exact = batched on a GPU
 
+With --probes, also the approaches tried for a faster `fast` mode (issue 13's ≥ 20×), each against the
+exact map in the same run: coarse-lattice interpolation (what fraction of exact locations a given Pearson
+needs), Krypton-style truncation of each op's changed box where |change| <= tol × the activation's std,
+bfloat16 incremental inference, and batching B perturbed crops per convolution (per-sample cost ratio).
+
 Prints progress to stderr and markdown table rows to stdout (for bench/RESULTS.md).
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import platform
 import sys
 import time
@@ -30,7 +36,8 @@ import torch
 
 from matseg.core import asset_path, resolve_device
 from matseg.data import read_image, read_mask
-from matseg.explain import counterfactual_heatmap
+from matseg.explain import (_ibox, _Incremental, _interp_grid, _to_probs, bbox, counterfactual_heatmap, get_kernel,
+                            kernel_grid, region_mask)
 from matseg.models import build_model
 
 MODELS = {"lite0-unet": ("timm-tf_efficientnet_lite0", "unet"), "resnet50-unet": ("resnet50", "unet")}
@@ -72,6 +79,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--header", action="store_true", help="also print the markdown table header")
+    ap.add_argument("--probes", type=int, default=0, metavar="N",
+                    help="also probe faster-fast approaches on N sampled locations (0: skip)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     dev = resolve_device(a.device)
@@ -86,6 +95,7 @@ def main(argv=None) -> int:
               "| fast exact locations | Pearson fast/exact | top-10 same | fast self-check Pearson / max rel. err "
               "| exact vs naive max rel. diff |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    probes: list[str] = []
     for key in a.models.split(","):
         enc, dec = MODELS[key]
         torch.manual_seed(0)
@@ -122,7 +132,108 @@ def main(argv=None) -> int:
               f"| {tn_full / te:.1f}× | {tf:.1f} | {tn_full / tf:.1f}× | {fa_a['fast_exact_locations']} "
               f"| {_pearson(fa.values, ex.values):.4f} | {'yes' if same10 else 'no'} "
               f"| {fa_a['fast_check_pearson']:.4f} / {fa_a['fast_check_max_rel_err']:.1e} | {rel:.1e} |", flush=True)
+        if a.probes:  # printed below the table
+            probes.append(f"\nprobes, {key} ({name}):\n" + "\n".join(_probes(model, x, region, ex, a.patch, a.kernel,
+                                                                               a.probes)))
+            print(probes[-1], file=sys.stderr, flush=True)
+    for text in probes: print(text)
     return 0
+
+
+def _run_truncated(inc: _Incremental, box, values, tol: float, scale: dict):
+    "`_Incremental.run` with each op's changed box shrunk to where |change| > tol × std of the activation."
+    delta = {inc.x_node: (tuple(box), values)}
+    for n in inc.nodes:
+        if n.op != "call_function" or n not in inc.need: continue
+        r = inc.rule[n]
+        if r == "const" or not any(delta.get(v) is not None for v in n.all_input_nodes): continue
+        if r == "getitem":
+            d = delta[n.args[0]]
+            delta[n] = d if len(d) == 2 and isinstance(d[1], torch.Tensor) else d[n.args[1]]
+            continue
+        if r == "full":
+            env = {v: inc._whole(inc.base[v], delta.get(v)) for v in n.all_input_nodes}
+            out = n.target(*inc._map(n.args, env), **inc._map(n.kwargs, env))
+            nb = inc.need[n]
+            if isinstance(out, (tuple, list)): delta[n] = tuple((None, o) for o in out)
+            elif isinstance(out, torch.Tensor) and out.ndim == 4 and nb is not None:
+                delta[n] = (nb, out[..., nb[0]:nb[1], nb[2]:nb[3]])
+            else: delta[n] = (None, out)
+            continue
+        fb = inc._fwd_box(n, delta)
+        ob = _ibox(fb, inc.need[n]) if inc.need[n] is not None else fb
+        if ob is None: continue
+        out = inc._compute(n, ob, delta)
+        if isinstance(out, torch.Tensor) and r in ("window", "pointwise"):
+            m = (out - inc.base[n][..., ob[0]:ob[1], ob[2]:ob[3]]).abs().amax((0, 1)) > tol * scale[n]
+            if not bool(m.any()): continue
+            rr, cc = torch.nonzero(m.any(1)).ravel(), torch.nonzero(m.any(0)).ravel()
+            r0, r1, c0, c1 = int(rr[0]), int(rr[-1]) + 1, int(cc[0]), int(cc[-1]) + 1
+            out, ob = out[..., r0:r1, c0:c1], (ob[0] + r0, ob[0] + r1, ob[2] + c0, ob[2] + c1)
+        delta[n] = tuple([(ob, out[0])] + [None] * (len(out) - 1)) if isinstance(out, tuple) else (ob, out)
+    return inc._crop(inc.out_node, delta, inc._out_box())
+
+
+def _probes(model, x, region, ex, patch, kernel, n_sample) -> list[str]:
+    "Approaches to a faster approximate map, each measured against the exact map / exact path in this run."
+    lines, vals = [], ex.values.astype(np.float64)
+    ny, nx = vals.shape
+    top10 = set(np.argsort(-vals, axis=None)[:10])
+    for c in (2, 3):  # coarse lattice + refinement by interpolated value (the fast mode's rule, by budget)
+        ri, ci = sorted(set(range(0, ny, c)) | {ny - 1}), sorted(set(range(0, nx, c)) | {nx - 1})
+        k = np.zeros((ny, nx), bool); k[np.ix_(ri, ci)] = True
+        est = _interp_grid(np.where(k, vals, 0), k)
+        for extra in (0.0, 0.2, 0.4, 0.6):
+            kk = k.copy()
+            kk.flat[np.argsort(-np.where(k, -np.inf, est), axis=None)[:int(extra * vals.size)]] = True
+            e2 = np.where(kk, vals, est)
+            lines.append(f"- interpolation: coarse {c} + {extra:.0%} refined = {kk.mean():.0%} exact locations: Pearson "
+                         f"{_pearson(e2, vals):.4f}, top-10 same {set(np.argsort(-e2, axis=None)[:10]) == top10}")
+    A = region_mask(region, tuple(x.shape[-2:]))
+    x0, y0, x1, y1 = bbox(A)
+    ys, xs = kernel_grid(*x.shape[-2:], patch, int(ex.attrs["stride"]), region, int(ex.attrs["margin"]))
+    rng = np.random.default_rng(0)
+    pts = [(int(ys[i]), int(xs[j])) for i, j in zip(rng.integers(0, len(ys), n_sample), rng.integers(0, len(xs), n_sample))]
+    Ac = torch.from_numpy(A[y0:y1, x0:x1])
+    with torch.inference_mode():
+        def timed(inc, fill, run):
+            Zc, out, t = _to_probs(inc.reference())[0], [], time.perf_counter()
+            for i, j in pts:
+                Zp = _to_probs(run(inc, (i, i + patch, j, j + patch), fill[None, :, i:i + patch, j:j + patch]))[0]
+                out.append(float(((Zp - Zc).abs() * Ac).sum()))
+            return np.array(out), (time.perf_counter() - t) / len(pts)
+        res = {}
+        for dt in (torch.float32, torch.bfloat16):
+            m, xx = copy.deepcopy(model).to(dt), x.to(dt)
+            inc = _Incremental(m, xx[None], (y0, y1, x0, x1))
+            fill = get_kernel(kernel)(xx, patch, 0)
+            res[str(dt)] = timed(inc, fill, lambda inc, b, v: inc.run(b, v))
+            if dt is torch.float32:
+                scale = {n: float(v.float().std()) if isinstance(v, torch.Tensor) and v.ndim == 4 and v.numel() > 1 else 0.0
+                         for n, v in inc.base.items()}
+                for tol in (0.01, 0.03):
+                    res[f"truncated tol {tol}"] = timed(inc, fill, lambda inc, b, v: _run_truncated(inc, b, v, tol, scale))
+        ref, t_ref = res["torch.float32"]
+        lines.append(f"- exact incremental fp32: {t_ref * 1e3:.1f} ms per location (n={len(pts)})")
+        for k_, (v, t) in res.items():
+            if k_ == "torch.float32": continue
+            lines.append(f"- {k_.replace('torch.', '')}: {t * 1e3:.1f} ms per location = {t_ref / t:.2f}× exact; "
+                         f"Pearson {_pearson(v, ref):.4f}, max rel. err {np.abs(v - ref).max() / np.abs(ref).max():.1e}")
+        # batching perturbed crops: the per-sample cost of the deepest convolutions at batch 1 and 8
+        convs = [mod for mod in model.modules() if isinstance(mod, torch.nn.Conv2d) and mod.in_channels >= 64]
+        feats = {}
+        hooks = [mod.register_forward_hook(lambda mod, i, o: feats.update({mod: i[0].shape})) for mod in convs]
+        model(x[None].float()); [h.remove() for h in hooks]
+        convs = [mod for mod in convs if mod in feats]  # those the forward uses
+        tb = {1: 0.0, 8: 0.0}
+        for mod in convs:
+            for B in tb:
+                xi = torch.randn(B, *feats[mod][1:])
+                mod(xi); t = time.perf_counter(); mod(xi); tb[B] += (time.perf_counter() - t) / B
+        lines.append(f"- batching: the {len(convs)} convolutions with >= 64 input channels, whole maps, cost "
+                     f"{tb[1] * 1e3:.0f} ms per sample at batch 1 and {tb[8] * 1e3:.0f} ms at batch 8 "
+                     f"({tb[1] / tb[8]:.2f}× per sample)")
+    return lines
 
 
 class _NaiveOne:

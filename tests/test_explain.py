@@ -301,7 +301,7 @@ def checkpoint(tmp_path_factory):
     return d
 
 
-def test_cli_end_to_end(checkpoint, tmp_path):
+def test_cli_end_to_end(checkpoint, tmp_path, capsys):
     d = checkpoint
     out = tmp_path / "box"
     assert cli_explain([str(d), str(d / "img.png"), "--region", "8,8,24,24", "--patch", "8", "--stride", "4",
@@ -315,6 +315,10 @@ def test_cli_end_to_end(checkpoint, tmp_path):
     assert (np.asarray(png) == (0, 255, 255)).all(-1).sum() > 40  # the region outline
     j = json.loads((out / "explain.json").read_text())
     assert j["validation"]["top_k"] == 2 and j["attrs"]["n_locations"] == 121
+    val = j["validation"]
+    assert val["n_draws"] == 100 == len(val["null_changes"]) and 1 / 101 <= val["p_value"] <= 1
+    assert val["p_value"] == (1 + sum(c >= val["influential"]["change"] for c in val["null_changes"])) / 101
+    assert f"p = {val['p_value']:.3g}" in capsys.readouterr().out
     # the same via the library on the same prepared input
     from matseg.runs import TrainedJob
     tj = TrainedJob.open(d, device="cpu")
@@ -334,6 +338,7 @@ def test_cli_end_to_end(checkpoint, tmp_path):
     (["--region", "0,0,8,8", "--patch", "64"], "larger than"),
     (["--region", "class=austenite"], "not one of"),
     (["--region", "nope.png"], "neither a box"),
+    (["--region", "0,0,8,8", "--draws", "0"], "--draws"),
 ])
 def test_cli_errors(checkpoint, tmp_path, capsys, args, msg):
     d = checkpoint
