@@ -188,9 +188,10 @@ def ablation_dataset(results: dict[str, list[dict]],  # variant name -> job resu
     shape = [ds.sizes[c] for c in cells]
     arrs = {k: np.full(shape, np.nan) for k in ("delta_mean", "ci_low", "ci_high", "p_value", "p_wilcoxon", "n")}
     verdict = np.full(shape, "", dtype=object)
+    ref = list(ds["variant"].values).index("full")
     for idx in np.ndindex(*shape):
         sel = dict(zip(cells, idx))
-        r = paired_delta(score.isel(sel).values, score.isel({**sel, "variant": 0}).values, alpha)
+        r = paired_delta(score.isel(sel).values, score.isel({**sel, "variant": ref}).values, alpha)
         for k, key in (("delta_mean", "delta"), ("ci_low", "ci_low"), ("ci_high", "ci_high"), ("p_value", "p_value"),
                        ("p_wilcoxon", "p_wilcoxon"), ("n", "n")): arrs[k][idx] = r[key]
         verdict[idx] = r["verdict"]

@@ -148,6 +148,9 @@ def test_ablation_dataset_on_known_numbers(tmp_path):
     assert "n = 0, 2, 3" in md and "paired t" in md and "noise floor" in md
     assert "plotly" in paths["html"].read_text()[:20000].lower()
     with pytest.raises(MatsegError, match="metric"): A.ablation_figure(ds, "iou_pore")
+    moved = A.ablation_dataset({k: res[k] for k in ("-sampling", "full", "training.lr=0.01")})  # full need not come first
+    xr.testing.assert_allclose(moved["delta_mean"].sel(variant="-sampling"), ds["delta_mean"].sel(variant="-sampling"))
+    assert (moved["delta_mean"].sel(variant="full") == 0).all()
 
 
 def small_sample(tmp):
