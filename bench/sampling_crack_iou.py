@@ -83,6 +83,7 @@ def main(argv=None):
             f"training.sampling_temperature={a.temperature}"])
         jobs = compile_profile(p)
         data = prepare_data(load_dataset(jobs[0].dataset, jobs[0].base_dir), jobs[0].dataset.classes)
+        out.setdefault("settings", {})[name] = {**vars(a), "crops_per_image": cpi, "sets": [name]}  # per set: runs may resume
         out.setdefault("classes", {})[name] = data.classes
         out.setdefault("class_fraction", {})[name] = data.context["class_fraction"]
         ytr, K = data.splits["train"][1], len(data.classes)
