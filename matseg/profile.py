@@ -469,9 +469,6 @@ class TrainingSpec(_Spec):
         "uniform", description="training crop centres: uniform, biased towards rare classes, or also towards classes "
                                "the model currently gets wrong on validation")
     sampling_temperature: _Float = Field(0.1, gt=0, description="rare-class sampling temperature (smaller = rarer classes favoured more)")
-    cv_folds: _Int | None = Field(
-        None, ge=2, description="k-fold cross-validation over the train+val image groups (test split untouched); null = "
-                                "the fixed train/val split")
 
     @classmethod
     def _checks(cls, d):
