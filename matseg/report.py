@@ -454,7 +454,7 @@ def render_html(rep: dict,  # the report record (as written to report.json)
                if Q.get("available") else [],
         q_images=[(p["name"], p["score"], p["typical_fraction"],
                    "—" if p["typical"] is None else "typical" if p["typical"] else "atypical") for p in Q.get("per_image") or []],
-        q_shifts=[(n, r.get("level"), r.get("what"), r["auroc_vs_heldout_id"], "yes" if r.get("designated") else "")
+        q_shifts=[(n, r.get("level"), r.get("what") + (f" = {r['severity']:g}" if r.get("severity") is not None else ""), r["auroc_vs_heldout_id"], "yes" if r.get("designated") else "")
                   for n, r in (Q.get("shifts") or {}).items()],
         fig_qc=Markup(_fig_html(_qc_fig(rep), "fig-qc")) if Q.get("available") else None,
         h_rows=[(it["name"], it.get("region", it.get("error")), it.get("region_pixels"),
