@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from scipy import stats
 import torch.nn.functional as F
+from segmentation_models_pytorch.base import SegmentationModel
 from segmentation_models_pytorch.losses import DiceLoss
 from torch import nn
 
@@ -31,7 +32,7 @@ from .core import MatsegError
 __all__ = ['LOSSES', 'OPTIMIZERS', 'SCHEDULERS', 'UNCERTAINTY_METHODS', 'UNCERTAINTY_MEASURE', 'seed_everything', 'get_rng_state',
            'set_rng_state', 'split_tensors', 'CropSampler', 'inverse_frequency_weights', 'entropy',
            'uncertainty_weighted_ce', 'dirichlet_kl_uniform', 'evidential_loss', 'CEDiceLoss', 'make_loss',
-           'make_optimizer', 'EarlyStopping', 'predict_tiled', 'check_method', 'uncertainty_default',
+           'make_optimizer', 'EarlyStopping', 'predict_tiled', 'check_method', 'uncertainty_default', 'mc_passes',
            'predict_uncertainty_tiled', 'evaluate', 'Calibration', 'fit_temperature_logits', 'fit_temperature',
            'calibrate', 'JobData', 'prepare_data', 'train_step']
 
@@ -359,6 +360,26 @@ def uncertainty_default(model: nn.Module) -> str:
     h = model_head(model)
     return "evidential" if h["kind"] == "evidential" else "mc" if h["dropout"] > 0 else "softmax"
 
+def mc_passes(model: nn.Module,  # smp model (with matseg dropout)
+              x: torch.Tensor,  # (1, C, h, w) one input
+              n: int,  # passes
+              batch_size: int | None = None,  # passes per forward (default: all n)
+             ) -> list[torch.Tensor]:
+    "Logits of n passes of one input, in chunks: the part of an smp model before matseg's first active dropout runs once."
+    bs = max(1, int(batch_size or n)); sizes = [min(bs, n - s) for s in range(0, n, bs)]
+    rep = lambda t, k: t.expand(k, *t.shape[1:])  # noqa: E731
+    drops = getattr(model, "matseg_dropout", None) or []
+    if not any(d.training for d in drops):  # deterministic: every pass is the same
+        z = model(x); return [rep(z, k) for k in sizes]
+    if type(model).forward is not SegmentationModel.forward or getattr(model, "classification_head", None) is not None:
+        return [model(rep(x, k).contiguous()) for k in sizes]  # an architecture with its own forward: plain batches
+    model.check_input_shape(x)
+    feats = model.encoder(x)  # deterministic in eval mode: computed once
+    if model_head(model)["decoder_dropout"]:
+        return [model.segmentation_head(model.decoder([rep(f, k) for f in feats])) for k in sizes]
+    dec = model.decoder(feats)
+    return [model.segmentation_head(rep(dec, k)) for k in sizes]  # the head's dropout draws a mask per pass
+
 @torch.no_grad()
 def predict_uncertainty_tiled(model: nn.Module,  # segmentation model (eval mode; its flags are restored)
                               image: torch.Tensor,  # (C, H, W) model input
@@ -367,14 +388,14 @@ def predict_uncertainty_tiled(model: nn.Module,  # segmentation model (eval mode
                               overlap: int = 64,  # tile overlap in pixels
                               method: str = "mc",  # see UNCERTAINTY_METHODS
                               samples: int = 20,  # MC passes T
-                              batch_size: int | None = None,  # images per forward pass (default: all T of a tile)
+                              batch_size: int | None = None,  # passes per forward (default: all T on a GPU, 2 on a CPU)
                               amp: bool = False,  # bf16 autocast (CUDA)
                              ) -> dict[str, torch.Tensor]:
     "Uncertainty maps of a full image: {'mean_prob', 'entropy', ...} (see the table above)."
     method = check_method(model, method, samples)
     T = samples if method == "mc" else 1
-    bs = max(1, int(batch_size or T))
     dev = next(model.parameters()).device
+    bs = max(1, int(batch_size or (T if dev.type == "cuda" else min(T, 2))))  # CPU: batches of 2 ran fastest (bench/)
     _, H, W = image.shape
     size = min(size, H, W)
     pos = [(y, x) for y in tile_starts(H, size, overlap) for x in tile_starts(W, size, overlap)]
@@ -393,11 +414,11 @@ def predict_uncertainty_tiled(model: nn.Module,  # segmentation model (eval mode
                 tile = image[:, y0:y0 + size, x0:x0 + size].to(dev)[None]
                 s1 = torch.zeros(K, size, size, device=dev); s2 = torch.zeros_like(s1) if m2 is not None else None
                 sh = torch.zeros(size, size, device=dev); p0 = None
-                for s in range(0, T, bs):
-                    x = tile.expand(min(bs, T - s), -1, -1, -1).contiguous()
-                    if dev.type == "cuda": x = x.contiguous(memory_format=torch.channels_last)
-                    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-                        z = model(x).float()
+                if dev.type == "cuda": tile = tile.contiguous(memory_format=torch.channels_last)
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+                    chunks = mc_passes(model, tile, T, bs)
+                for z in chunks:
+                    z = z.float()
                     if method == "evidential":
                         a = dirichlet_alpha(z / h["temperature"]); p = a / a.sum(1, keepdim=True)
                         sa[:, y0:y0 + size, x0:x0 + size] += a.sum(1)
@@ -423,6 +444,7 @@ def predict_uncertainty_tiled(model: nn.Module,  # segmentation model (eval mode
     if method == "evidential":
         out["vacuity"] = K / (sa / cnt)[0]
     return out
+
 
 
 # %% ../nbs/05_train.ipynb #d79c57ad
