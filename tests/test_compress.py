@@ -37,8 +37,12 @@ def run(tmp_path_factory):
     rc = cli_compress([str(jdir), "--out", str(tmp / "c"), "--method", "prune+int8", "--epochs", "1", "--no-compile",
                        "--sparsity", "0", "--calibration", "4", "--profile", str(tmp / "profile.json"), "--device", "cpu"])
     assert rc == 0
-    yield jdir, tmp / "c", tmp / "profile.json"
+    yield jdir, tmp / "c", tmp / "profile.json"  # compressed job: c/<dataset>/<job_id>__prune+int8
     torch.set_num_threads(threads)
+
+
+def _cdir(out, jdir, method="prune+int8"):
+    return out / jdir.parent.name / f"{jdir.name}__{method}"
 
 
 def _rows(out):
@@ -54,16 +58,17 @@ def test_table_and_pruned_int8_checkpoint(run):
     assert float(rows["prune+int8"]["weight_mb"]) < float(rows["baseline"]["weight_mb"]) / 3  # int8 weights: 1 byte
     assert float(rows["baseline"]["ms_per_image"]) > 0 and rows["baseline"]["threads"] == "1"
     assert "| prune+int8 |" in (out / "tradeoff.md").read_text()
-    side = json.loads((out / "prune+int8" / "checkpoint.json").read_text())
+    side = json.loads((_cdir(out, jdir) / "checkpoint.json").read_text())
     assert side["format"] == "matseg-compressed/1" and side["compression"]["int8"]["keep_head_fp32"]
     assert side["compression"]["structure"]["reshape"]  # channel counts recorded
     assert side["class_names"] == TrainedJob.open(jdir, device="cpu").classes
+    assert (out / "profiles" / "t.json").is_file()  # the job's profile beside it, as in a run folder
 
 
 def test_round_trip_reproduces_the_table(run):
     "The reloaded int8 model (rebuilt from weights + recipe + calibration) gives the test mIoU the table recorded."
     jdir, out, prof = run
-    model, meta = load_compressed(out / "prune+int8")
+    model, meta = load_compressed(_cdir(out, jdir))
     assert isinstance(model, Int8Segmenter)
     tj = TrainedJob.open(jdir, profile=prof, device="cpu")
     test = tj.load_split("test")
@@ -74,12 +79,12 @@ def test_round_trip_reproduces_the_table(run):
     assert convs(model.float_model) < convs(tj.model)
     assert model.float_model.segmentation_head[0].out_channels == tj.n_classes
     with pytest.raises(MatsegError, match="CPU only"):
-        load_compressed(out / "prune+int8", device="cuda")
+        load_compressed(_cdir(out, jdir), device="cuda")
 
 
 def test_tampered_calibration_refused(run, tmp_path):
-    _, out, _ = run
-    d = tmp_path / "c"; shutil.copytree(out / "prune+int8", d)
+    jdir, out, _ = run
+    d = tmp_path / "c"; shutil.copytree(_cdir(out, jdir), d)
     cal = safetensors.torch.load_file(str(d / CALIBRATION)); cal["x"] = cal["x"] * 0.5
     safetensors.torch.save_file(cal, str(d / CALIBRATION))
     with pytest.raises(MatsegError, match="sha256"):
