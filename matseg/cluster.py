@@ -14,6 +14,7 @@ import signal
 import traceback
 from collections import Counter
 from contextlib import contextmanager
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -28,6 +29,7 @@ from .core import MatsegError, atomic_write_text, resolve_device
 from .data import load_dataset
 from .runs import LOCK, RESULT, RunLock, job_dir, train_job
 from .train import prepare_data
+
 
 # %% auto #0
 __all__ = ['CLUSTER_KINDS', 'JOBQUEUE', 'YAML_KEYS', 'FAULTS_ENV', 'FAULT_MODES', 'FAILURE', 'parse_cluster', 'visible_gpus',
@@ -104,9 +106,11 @@ def jobqueue_cluster(cfg: dict,  # from `parse_cluster` (kind 'jobqueue')
     "A dask-jobqueue cluster (one single-threaded worker per batch job; with gpus: 1 each holds resource GPU=1)."
     opts = dict(cfg.get("options") or {})
     opts.setdefault("processes", 1); opts.setdefault("cores", 1); opts.setdefault("memory", "8GB")
-    extra = list(opts.pop("worker_extra_args", []) or [])
+    extra = [*(opts.pop("worker_extra_args", []) or []), "--nthreads", "1"]  # one job at a time per worker
+    # not daemonic (a job may start processes); the batch job's `dask worker` reads this variable
+    opts["job_script_prologue"] = ["export DASK_DISTRIBUTED__WORKER__DAEMON=False", *(opts.get("job_script_prologue") or [])]
     if cfg.get("gpus"):
-        extra += ["--resources", "GPU=1", "--nthreads", "1"]
+        extra += ["--resources", "GPU=1"]
         if cfg["system"] == "slurm":
             opts["job_extra_directives"] = [*(opts.get("job_extra_directives") or []), "--gres=gpu:1"]
     try: cluster = JOBQUEUE[cfg["system"]](worker_extra_args=extra, **opts)
@@ -132,7 +136,8 @@ def cluster_client(spec: str,  # local[:N], tcp://HOST:PORT, slurm|pbs|lsf|sge o
                 raise MatsegError(f"--cluster {spec}: no Dask scheduler answered ({e}); start one (dask scheduler) "
                                   "and workers (dask worker ADDRESS --nthreads 1 [--resources GPU=1]), or use local:N") from None
             with client:
-                print(f"dask: {cluster_summary(client)}; dashboard {client.dashboard_link}", flush=True)
+                dash = client.dashboard_link if find_spec("bokeh") else "none (it needs bokeh: pip install 'bokeh>=3.1')"
+                print(f"dask: {cluster_summary(client)}; dashboard {dash}", flush=True)
                 yield client
         finally:
             if cluster is not None: cluster.close()
@@ -144,6 +149,7 @@ def cluster_summary(client: Client) -> str:
     gpus = sum(int(w.get("resources", {}).get("GPU", 0)) for w in ws)
     return (f"scheduler {info.get('address')}, {len(ws)} worker(s), {sum(w.get('nthreads', 0) for w in ws)} thread(s)"
             + (f", {gpus} GPU(s)" if gpus else ""))
+
 
 # %% ../nbs/06b_cluster.ipynb #ce1596e6
 FAULTS_ENV = "MATSEG_FAULTS"  # test-only fault injection, read on the worker: "JOB_ID=MODE[,JOB_ID=MODE]"
@@ -245,18 +251,19 @@ def grid_events(client: Client,  # a `dask.distributed.Client`
                           "so a GPU index means nothing there; use --device cuda or auto")
     topic, events = f"matseg-{secrets.token_hex(6)}", queue.Queue()
     client.subscribe_topic(topic, lambda ev: events.put(ev[1]))
-    futures, res = {}, _gpu_resources(client)
+    futures, res, reused = {}, _gpu_resources(client), []
     try:
         for job in jobs:
             done = job_dir(out, job) / RESULT
-            if done.exists():
-                yield {"event": "done", "job": job.id, "result": json.loads(done.read_text()), "reused": True}; continue
+            if done.exists(): reused.append((job.id, done)); continue
             job = dataclasses.replace(job, base_dir=Path(job.base_dir).resolve())
             f = client.submit(cluster_job, job, str(out), specs[job.id], device, lock, profile_name, topic,
                               key=f"{job.id}-{topic}", retries=retries, resources=res, pure=False)
             f.add_done_callback(lambda fut, jid=job.id: events.put({"event": "finished", "job": jid, "future": fut}))
             futures[job.id] = f
             yield {"event": "submitted", "job": job.id}
+        for jid, done in reused:  # after every submission, so the cluster is busy while these are handled
+            yield {"event": "done", "job": jid, "result": json.loads(done.read_text()), "reused": True}
         left = set(futures)
         while left:
             ev = events.get()
@@ -313,4 +320,5 @@ def run_grid(client: Client,  # a `dask.distributed.Client`
         finally:
             bar.close()
     return {"results": [results[j.id] for j in jobs if j.id in results], "failed": failed}
+
 
