@@ -801,9 +801,10 @@ def perturbation_validation(model: nn.Module,  # the explained model
     obs, null, nfl = float(ch[0]), ch[1:], fl[1:]
     med = float(np.median(null))
     p = (1 + int((null >= obs).sum())) / (1 + len(null))
-    arm = lambda starts, i: {"change": float(ch[i]), "flipped": float(fl[i]),  # noqa: E731
-                             "patches": [[xx, yy, xx + patch, yy + patch] for yy, xx in starts],
-                             "strata": [_STRATA[int(strata[pos[s]])] for s in starts]}
+    def arm(starts, i):
+        return {"change": float(ch[i]), "flipped": float(fl[i]),
+                "patches": [[xx, yy, xx + patch, yy + patch] for yy, xx in starts],
+                "strata": [_STRATA[int(strata[pos[s]])] for s in starts]}
     return {"top_k": len(top), "influential": arm(top, 0), "random": arm(draws[0], 1),
             "ratio": obs / med if med > 0 else (float("inf") if obs > 0 else 1.0),
             "p_value": p, "null_percentile": float(100 * ((null < obs).mean() + 0.5 * (null == obs).mean())),
