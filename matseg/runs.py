@@ -629,7 +629,11 @@ def _calibration(best, ckpt: Path, tr, job, val, test, K: int, size: int, ig, am
                 "uncertainty_auroc": before["uncertainty_auroc"], "mean_uncertainty": before["mean_uncertainty"],
                 "uncertainty_method": method, "uncertainty_measure": before["measure"]}
     if getattr(tr, "temperature_scaling", False):
-        fit = fit_temperature(best, val[0], val[1], size, ignore_index=ig, seed=int(job.seed), amp=amp)
+        try: fit = fit_temperature(best, val[0], val[1], size, ignore_index=ig, seed=int(job.seed), amp=amp)
+        except MatsegError as e:  # e.g. no labelled validation pixel: the job's other results stand
+            out["temperature"] = {"temperature": None, "skipped": str(e)}
+            out["columns"] = cols
+            return out
         best.matseg_head["temperature"] = fit["temperature"]
         side = json.loads(ckpt.with_suffix(".json").read_text())
         keep = {k: v for k, v in side.items() if k not in ("format", "tensors", "sha256", "versions", "head")}
@@ -783,6 +787,7 @@ def _train(job, out_dir, jdir, res_path, spec, h, device, data, callbacks, stop,
     state_path.unlink(missing_ok=True)
     for hk in _hooks(callbacks, "on_job_end"): hk(result)
     return result
+
 
 
 # %% ../nbs/05a_runs.ipynb #ebcddf34
