@@ -517,9 +517,10 @@ def threshold_interval(scores, # (M,) held-out ID scores (crops)
                     needs=f"needs >= {min_groups} held-out ID groups and >= {need_pts} held-out points for the "
                           f"{quantile:g} quantile; has {len(u)} groups, {len(s)} points: add ID images from more groups")
     rng = np.random.default_rng(seed); by = [s[g == x] for x in u]
-    boot = [np.quantile(np.concatenate([by[i] for i in rng.integers(0, len(u), len(u))]), quantile) for _ in range(n_boot)]
-    loo = [float(np.mean(by[i] >= np.quantile(np.concatenate(by[:i] + by[i + 1:]), quantile))) for i in range(len(u))]
-    return dict(threshold=float(np.quantile(s, quantile)), low=float(np.quantile(boot, 0.025)),
+    q = lambda v: np.quantile(v, quantile, method="inverted_cdf")  # an observed score, never interpolated towards a floor
+    boot = [q(np.concatenate([by[i] for i in rng.integers(0, len(u), len(u))])) for _ in range(n_boot)]
+    loo = [float(np.mean(by[i] >= q(np.concatenate(by[:i] + by[i + 1:])))) for i in range(len(u))]
+    return dict(threshold=float(q(s)), low=float(np.quantile(boot, 0.025)),
                 high=float(np.quantile(boot, 0.975)), n_groups=len(u), n_points=len(s), needs=None,
                 loo_pass_rate=float(np.average(loo, weights=[len(b) for b in by])))
 

@@ -28,13 +28,16 @@ import torch
 from scipy import stats
 from tqdm.auto import tqdm
 
+from .cost import COST_COLUMNS, cost_columns, cost_table, iou_latency_chart, model_cost
 from .core import MatsegError, atomic_path, atomic_write_json, atomic_write_text, resolve_device
 from .data import load_dataset, normalize, pair_files, read_image
 from .metrics import AGGREGATION, count_parameters, time_inference
 from .models import (LITE0, cached_hub_file, efficientnet_lite0_file, encoder_features, input_stats, load_checkpoint,
                      model_head, save_checkpoint, sha256_file, weights_file, build_model)
+from .objects import DefectCounter, defect_columns, defect_table
 from .profile import WEIGHTS_KEYWORDS, compile_profile, load_profile, profile_to_dict
-from .train import (CropSampler, EarlyStopping, JobData, calibrate, check_method, evaluate, fit_temperature,
+from .sampling import make_sampler
+from .train import (EarlyStopping, JobData, calibrate, check_method, evaluate, fit_temperature,
                     get_rng_state, inverse_frequency_weights, make_loss, make_optimizer, predict_tiled,
                     predict_uncertainty_tiled, prepare_data, seed_everything, set_rng_state, train_step,
                     uncertainty_default)
@@ -255,7 +258,9 @@ def spec_changes(old: dict | None,  # spec stored with a job (None: unknown, wri
     "The fields that differ, as 'path: old -> new' (data files summarised)."
     if old is None: return ["(no specification stored: written by an older matseg)"]
     a, b = _flat({k: v for k, v in old.items() if k != "data"}), _flat({k: v for k, v in new.items() if k != "data"})
-    out = [f"{k}: {a.get(k, '—')!r} -> {b.get(k, '—')!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    gone = object()  # a field on one side only differs even when the other side's value is null
+    show = lambda d, k: repr(d[k]) if k in d else "(absent)"
+    out = [f"{k}: {show(a, k)} -> {show(b, k)}" for k in sorted(set(a) | set(b)) if a.get(k, gone) != b.get(k, gone)]
     if old.get("data") != new.get("data"):
         if not isinstance(old.get("data"), list) or not isinstance(new.get("data"), list):
             return out[:limit] + ["data: other images (content or source of the data differs)"]
@@ -589,13 +594,6 @@ def _write_history(path: Path, history: list[dict]) -> None:
 def _save_state(path: Path, state: dict) -> None:
     with atomic_path(path) as tmp: torch.save(state, tmp)
 
-def _time_inference(model, shape, device, amp, repeats=5) -> float:
-    "Median milliseconds per image of one tile's forward pass (`matseg.metrics.time_inference`)."
-    x = torch.randn(*shape, device=device)
-    if device.type == "cuda": x = x.contiguous(memory_format=torch.channels_last)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-        return float(time_inference(model, x, repeats=repeats))
-
 def _monitor_value(monitor: str, val: dict) -> float:
     return -val["loss"] if monitor == "val_loss" else val["miou"]
 
@@ -700,8 +698,9 @@ def _train(job, out_dir, jdir, res_path, spec, h, device, data, callbacks, stop,
     ig = getattr(job.dataset, "ignore_index", None)  # unlabelled pixels: skipped by the loss and every metric
     loss_fn = make_loss(tr.loss, cw, ignore_index=ig, head=getattr(tr, "head", "softmax"),
                         anneal=getattr(tr, "evidential_anneal", 10), uncertainty=getattr(tr, "uncertainty_loss", False))
-    sampler = CropSampler(xtr, ytr, size, tr.batch_size, seed=job.seed, augment=tr.augment, device=dev,
-                          crops_per_image=getattr(tr, "crops_per_image", None))
+    sampler = make_sampler(tr.sampling, xtr, ytr, size, tr.batch_size, seed=job.seed, augment=tr.augment, device=dev,
+                           crops_per_image=getattr(tr, "crops_per_image", None), n_classes=K, ignore_index=ig,
+                           temperature=tr.sampling_temperature)
     stopper = EarlyStopping(tr.patience)
     history, start, train_seconds = [], 0, 0.0
     state_path = jdir / STATE
@@ -709,6 +708,7 @@ def _train(job, out_dir, jdir, res_path, spec, h, device, data, callbacks, stop,
         st = torch.load(state_path, map_location="cpu", weights_only=True)  # RNG states must stay on the CPU
         model.load_state_dict(st["model"]); opt.load_state_dict(st["optimizer"]); sched.load_state_dict(st["scheduler"])
         stopper.load_state_dict(st["early_stopping"]); set_rng_state(st["rng"], sampler.gen)
+        if st.get("sampler") is not None: sampler.load_state_dict(st["sampler"])  # adaptive sampling's difficulty
         history, start, train_seconds = st["history"], st["epoch"], st["train_seconds"]
     fwd = torch.compile(model) if getattr(tr, "compile", False) and cuda else model
     jd = job.to_dict()
@@ -733,6 +733,7 @@ def _train(job, out_dir, jdir, res_path, spec, h, device, data, callbacks, stop,
         if diverged is None and ((epoch + 1) % tr.val_every == 0 or epoch + 1 == tr.max_epochs):
             val, _ = evaluate(model, xva, yva, K, size, tr.tile_overlap, amp=amp, boundary=False, ignore_index=ig)
             row.update(val_loss=val["loss"], val_miou=val["miou"])
+            sampler.update(val["iou"])  # adaptive sampling follows each class's validation difficulty (others: no-op)
             diverged = _finite_or_diverged(val["loss"], "the validation loss", epoch + 1)
             if diverged is None and stopper.step(epoch, _monitor_value(monitor, val)):
                 row["best"] = True
@@ -744,7 +745,7 @@ def _train(job, out_dir, jdir, res_path, spec, h, device, data, callbacks, stop,
         if diverged: break
         _save_state(state_path, {"epoch": epoch + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
                                  "scheduler": sched.state_dict(), "early_stopping": stopper.state_dict(),
-                                 "rng": get_rng_state(sampler.gen), "history": history, "train_seconds": train_seconds,
+                                 "rng": get_rng_state(sampler.gen), "sampler": sampler.state_dict(), "history": history, "train_seconds": train_seconds,
                                  "spec_hash": h, "spec_json": json.dumps(spec)})
         ebar.update(1); ebar.set_postfix(val_miou=f"{row['val_miou']:.3f}", best=stopper.best_epoch + 1)
         for hk in _hooks(callbacks, "on_epoch_end"): hk(dict(row))
@@ -773,13 +774,16 @@ def _train(job, out_dir, jdir, res_path, spec, h, device, data, callbacks, stop,
     rule = getattr(getattr(job, "task", None), "boundary_tolerance_rule", "pixels")
     for split, (xs, ys, names) in (("val", (xva, yva, nva)), ("test", (xte, yte, nte))):
         if len(names):
-            m, _ = evaluate(best, xs, ys, K, size, tr.tile_overlap, amp=amp, boundary=True, tolerance=tol,
-                            rule=rule, ignore_index=ig)
+            m, preds = evaluate(best, xs, ys, K, size, tr.tile_overlap, amp=amp, boundary=True, tolerance=tol,
+                                rule=rule, ignore_index=ig)
+            dc = DefectCounter.from_task(job.task, data.classes, ig) if getattr(job, "task", None) is not None else None
+            if dc is not None: m["defects"] = dc.update(preds, ys.cpu().numpy()).scores()  # pooled over the split
             metrics[split] = m
     calib = _calibration(best, ckpt, tr, job, (xva, yva, nva), (xte, yte, nte), K, size, ig, amp)
     if "test" in metrics: metrics["test"].update(calib.pop("columns"))
+    cost = model_cost(best, data.in_channels, size, device=dev, amp=amp, checkpoint=ckpt, channels_last=cuda, repeats=10)
     result = {**base, "status": "done", "params": int(count_parameters(best)), **calib,
-              "infer_ms": _time_inference(best, (1, data.in_channels, size, size), dev, amp), "infer_tile": size,
+              "infer_ms": cost["latency_ms"], "infer_tile": size, "cost": cost,
               "best_epoch": stopper.best_epoch + 1 if stopper.best_epoch >= 0 else len(history),
               "stopped_early": len(history) < tr.max_epochs, "metrics": metrics}
     atomic_write_json(res_path, result)
@@ -881,8 +885,12 @@ def results_frame(results: list[dict],  # from `collect_results`
                    "modality": r.get("modality", ""), "material": r.get("material", ""),
                    "profile": r.get("profile") or ""}
             row.update({f"iou_{c}": v for c, v in zip(r["classes"], m["iou"])})
+            row.update(defect_columns(m.get("defects") or {}))  # defect_<metric>_<class>@<iou threshold>
+            if r.get("cost"):  # the job's own `params` column stays; older results have no cost record
+                row.update({k: v for k, v in cost_columns(r["cost"]).items() if k != "params"})
             rows.append(row)
-    cols = [*KEYS, *METRICS, *CALIBRATION, *JOB_COLUMNS, "weights", "device", "modality", "material", "profile"]
+    cols = list(dict.fromkeys([*KEYS, *METRICS, *CALIBRATION, *JOB_COLUMNS, "weights", "device", "modality", "material",
+                               "profile", *COST_COLUMNS]))
     return pd.DataFrame(rows, columns=None if rows else cols)
 
 
@@ -1184,6 +1192,15 @@ def write_summary(out_dir: str | Path,  # run folder
         atomic_write_text(tables / "recommendations.md", "# Recommendations\n\n" + "\n\n".join(r["text"] for r in recs.values()) + "\n" + div_md)
         atomic_write_json(tables / "recommendations.json", {**recs, **({"_diverged": div["job"].tolist()} if len(div) else {})})
         atomic_write_text(tables / "iou_heatmap.html", iou_heatmap(frame).to_html(include_plotlyjs=True, full_html=True))
+        lat = "latency_ms" if "latency_ms" in frame and frame["latency_ms"].notna().any() else "infer_ms"
+        ct = cost_table(frame, "test", lat)
+        atomic_write_text(tables / "cost.csv", ct.to_csv(index=False))
+        atomic_write_text(tables / "cost.md", "# Cost per model (test split IoU; median cost over seeds)\n\n" + markdown_table(ct) + "\n")
+        atomic_write_text(tables / "iou_latency.html", iou_latency_chart(frame, "test", lat).to_html(include_plotlyjs=True, full_html=True))
+        if any(c.startswith("defect_") for c in frame.columns):
+            dt = defect_table(frame)
+            atomic_write_text(tables / "defects.csv", dt.to_csv(index=False))
+            atomic_write_text(tables / "defects.md", "# Defects as objects (TP/FP/FN pooled over each split's images)\n\n" + markdown_table(dt) + "\n")
         gen = gens / gid
         os.rename(stage, gen)
         _link(out / CURRENT, f"{GENERATIONS}/{gid}")  # the switch: one atomic rename
