@@ -56,8 +56,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="output folder (compressed checkpoints, tradeoff.csv/md)")
     ap.add_argument("--train-epochs", type=int, default=30)
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs")
+    ap.add_argument("--epochs", type=int, default=8, help="fine-tuning epochs")
     ap.add_argument("--speedup", type=float, default=1.5, help="pruning target (multiply-adds)")
+    ap.add_argument("--importance", default="magnitude", help="pruning importance: magnitude | taylor")
     ap.add_argument("--energy", type=float, default=0.9)
     ap.add_argument("--max-cost", type=float, default=0.7)
     ap.add_argument("--no-fit-budget", action="store_true", help="low-rank: leave layers that need more rank")
@@ -68,7 +69,7 @@ def main(argv=None) -> int:
     out = Path(a.out)
     jdir = Path(a.job) if a.job else train_super1(out / "runs", a.train_epochs)
     tj = TrainedJob.open(jdir, device="cpu")
-    info = compress(tj, a.methods.split(","), out / "compressed", speedup=a.speedup, energy=a.energy,
+    info = compress(tj, a.methods.split(","), out / "compressed", speedup=a.speedup, importance=a.importance, energy=a.energy,
                     max_cost=a.max_cost, fit_budget=not a.no_fit_budget, epochs=a.epochs, compile=True,
                     threads=a.threads, rounds=a.rounds, log=lambda s: print(s, file=sys.stderr))
     rows = pd.DataFrame(info["rows"])
