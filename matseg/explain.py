@@ -23,6 +23,7 @@ from torch import nn
 
 from .core import MatsegError, atomic_path, atomic_write_json, cli_parser, resolve_device
 from .data import read_image, read_mask
+from .models import DEFAULT_HEAD, model_head, probs_from_logits
 from .runs import TrainedJob
 
 # %% auto #0
@@ -123,7 +124,7 @@ def _as_image(image) -> torch.Tensor:
 
 def _probs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     "Class probabilities (N, C, H, W) in float32: softmax, or sigmoid stacked as (1-p, p) for one logit."
-    return _to_probs(model(x))
+    return _to_probs(model(x), model_head(model))
 
 def _check_grid(patch: int, stride: int, H: int, W: int):
     if int(patch) < 1 or int(stride) < 1:
@@ -485,13 +486,14 @@ class _Incremental:
 
 
 # %% ../nbs/08_explain.ipynb #68dadc27
-def _to_probs(y: torch.Tensor) -> torch.Tensor:
-    "Class probabilities in float32 from logits (N, C, …): softmax, or sigmoid stacked as (1-p, p) for one logit."
+def _to_probs(y: torch.Tensor, head: dict | None = None) -> torch.Tensor:
+    "Class probabilities in float32 from logits (N, C, …) by the model's head (softmax with its temperature, evidential α/S), or sigmoid stacked as (1-p, p) for one logit."
     y = y.float()
     if y.shape[1] == 1:
         p = torch.sigmoid(y)
         return torch.cat([1 - p, p], 1)
-    return torch.softmax(y, 1)
+    h = head or DEFAULT_HEAD
+    return probs_from_logits(y, h["kind"], h["temperature"])
 
 def _batched_eval(model, x, fill, starts, patch, box, Zc, Ac, batch_size) -> np.ndarray:
     "H for each patch start (i, j): the perturbed copies in batches through the whole model."
@@ -515,7 +517,7 @@ class _Evaluator:
                  strict: bool = False):  # strict: incremental or an error, never the batched pass
         self.args = (model, x, fill, patch, box, Zc, Ac, batch_size)
         self.path, self.reason, self.inc, self.full_ops, self.t_full = "batched", "", None, [], t_full
-        self.strict = strict
+        self.strict, self.head = strict, model_head(model)
         if not incremental:
             self.reason = "incremental inference runs on CPU; on an accelerator the batched pass is the fast exact path"
             return
@@ -524,7 +526,7 @@ class _Evaluator:
             self.inc = _Incremental(model, x[None], (y0, y1, x0, x1))
             self.path, self.full_ops = "incremental", self.inc.full_ops
             # the reference from the same crop, so that a patch that cannot reach A gives exactly 0
-            self.Zc = _to_probs(self.inc.reference())[0]
+            self.Zc = _to_probs(self.inc.reference(), self.head)[0]
         except Exception as e:  # an architecture make_fx cannot trace: the batched pass is exact too
             if strict: raise MatsegError(f"mode='incremental': this model cannot be traced ({type(e).__name__}: {e})") from e
             self.reason = f"incremental inference unavailable ({type(e).__name__}: {str(e)[:120]})"
@@ -537,7 +539,7 @@ class _Evaluator:
         if self.path == "incremental":
             for k, (i, j) in enumerate(starts):
                 t = time.perf_counter()
-                Zp = _to_probs(self.inc.run((i, i + patch, j, j + patch), fill[None, :, i:i + patch, j:j + patch]))[0]
+                Zp = _to_probs(self.inc.run((i, i + patch, j, j + patch), fill[None, :, i:i + patch, j:j + patch]), self.head)[0]
                 out[k] = float(((Zp - self.Zc).abs() * Ac).sum())
                 if k == 0 and not self.strict and time.perf_counter() - t > self.t_full:  # no saving on this model: batch the rest
                     self.path, self.inc = "batched", None
