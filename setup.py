@@ -41,6 +41,8 @@ requirements = [
     "dask>=2024.1",  # --cluster: the job grid on Dask distributed
     "distributed>=2024.1",
     "dask-jobqueue>=0.8",  # SLURM/PBS/LSF clusters
+    "torch-pruning>=1.6,<2",  # matseg compress: structured channel pruning
+    "torchao>=0.18",  # matseg compress: int8 PT2E quantisation (torch 2.14 has no torch.ao quantize_pt2e)
 ]
 dev_requirements = [
     "nbdev==2.4.14",
@@ -50,6 +52,7 @@ dev_requirements = [
     "nbconvert>=7",
     "ruff>=0.4",
     "porespy>=2.4",
+    "scikit-image>=0.22",  # tests: independent connected-component labels
 ]
 extras = {
     "dev": dev_requirements,
