@@ -31,12 +31,13 @@ from .data import overlay
 from .explain import _probs, counterfactual_heatmap, overlay_png, perturbation_validation, region_mask, upsample
 from .metrics import AGGREGATION, ConfusionMatrix, scores
 from .profile import apply_overrides, load_profile
+from .uncertainty import reliability_figure
 from .runs import CHECKPOINT, PROFILES, RESULT, Run, RunLock, TrainedJob, find_checkpoint, find_profile
 
 # %% auto #0
 __all__ = ['REPORT_FORMAT', 'png_bytes', 'data_uri', 'display_image', 'image_scores', 'default_region', 'heatmap_window',
-           'qc_signals', 'explain_image', 'profile_excerpt', 'build_report', 'render_html', 'external_refs',
-           'best_jobs', 'report_best_jobs', 'cli_report']
+           'qc_signals', 'explain_image', 'profile_excerpt', 'uncertainty_record', 'build_report', 'render_html',
+           'external_refs', 'best_jobs', 'report_best_jobs', 'cli_report']
 
 # %% ../nbs/09_report.ipynb #85599443
 REPORT_FORMAT = "matseg-report/2"
@@ -212,6 +213,16 @@ def _json_safe(o):
     if isinstance(o, (np.floating, np.integer)): return _json_safe(o.item())
     return o
 
+def uncertainty_record(res: dict | None,  # the job's result.json
+                      ) -> dict:
+    "U: the test split's calibration recorded at training (ECE before/after temperature, uncertainty-vs-error AUROC)."
+    t = ((res or {}).get("metrics") or {}).get("test") or {}
+    if "ece" not in t: return {"available": False, "reason": "the job recorded no calibration (trained by an older matseg)"}
+    keys = ("ece", "ece_temperature", "uncertainty_auroc", "uncertainty_auroc_temperature", "mean_uncertainty",
+            "uncertainty_method", "uncertainty_map", "ece_per_class")
+    return {"available": True, **{k: t.get(k) for k in keys}, "temperature": res.get("temperature"),
+            "calibration": res.get("calibration") or {}}
+
 def build_report(job,  # job folder OUT/<dataset>/<job_id> or its checkpoint.safetensors
                  profile=None,  # Profile or path; None: the profile recorded in the run folder
                  split: str = "test",  # split whose images are shown and QC-scored
@@ -284,6 +295,8 @@ def build_report(job,  # job folder OUT/<dataset>/<job_id> or its checkpoint.saf
                   "metrics", "epochs", "best_epoch", "monitor", "params", "infer_ms", "infer_tile", "train_seconds",
                   "device", "device_name", "stopped_early", "context")},
               "history": _history(jdir / "history.csv"), "masks": Z, "qc": Q, "heatmaps": H,
+              "uncertainty": uncertainty_record(res), "cost": None if res is None else res.get("cost"),
+              "defects": None if res is None else ((res.get("metrics") or {}).get("test") or {}).get("defects"),
               "files": {"json": "report.json", "html": "report.html", "images": sorted(pngs)}}
     report["seconds"] = round((datetime.datetime.now(datetime.timezone.utc) - t0).total_seconds(), 2)
     report = _json_safe(report)
@@ -457,6 +470,17 @@ def render_html(rep: dict,  # the report record (as written to report.json)
         q_shifts=[(n, r.get("level"), r.get("what") + (f" = {r['severity']:g}" if r.get("severity") is not None else ""), r["auroc_vs_heldout_id"], "yes" if r.get("designated") else "")
                   for n, r in (Q.get("shifts") or {}).items()],
         fig_qc=Markup(_fig_html(_qc_fig(rep), "fig-qc")) if Q.get("available") else None,
+        U=rep.get("uncertainty") or {"available": False, "reason": "not recorded"},
+        u_rows=[(k, (rep.get("uncertainty") or {}).get(v)) for k, v in (
+            ("ECE (15 bins, top label)", "ece"), ("ECE after temperature scaling", "ece_temperature"),
+            ("temperature (fitted on val)", "temperature"), ("AUROC of uncertainty for wrong pixels", "uncertainty_auroc"),
+            ("mean uncertainty", "mean_uncertainty"), ("method / map", "uncertainty_method"))],
+        fig_u=Markup(_fig_html(reliability_figure({k: v for k, v in (("raw", (rep.get("uncertainty") or {}).get("calibration", {}).get("test")),
+                                                                      ("after temperature", (rep.get("uncertainty") or {}).get("calibration", {}).get("test_temperature"))) if v}),
+                               "fig-reliability")) if (rep.get("uncertainty") or {}).get("calibration", {}).get("test") else None,
+        cost_rows=[(k, v) for k, v in (rep.get("cost") or {}).items() if not isinstance(v, (dict, list))],
+        defect_rows=[(c, t, s.get("tp"), s.get("fp"), s.get("fn"), s.get("precision"), s.get("recall"), s.get("f1"), s.get("pq"))
+                     for c, by in (rep.get("defects") or {}).items() for t, s in by.items()],
         h_rows=[(it["name"], it.get("region", it.get("error")), it.get("region_pixels"),
                  f"{it['patch']}/{it['stride']}" if "patch" in it else None, it.get("n_locations"),
                  f"{it.get('mode')} ({it.get('path')})" if "mode" in it else None, it.get("fast_check_pearson"),

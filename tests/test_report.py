@@ -58,6 +58,11 @@ def test_json_record(run, report):
     for k in ("profile", "metrics", "history", "masks", "qc", "heatmaps", "files"):
         assert k in rec, k
     assert rec["profile"]["task"]["deployment_threshold"] == 0.9
+    u = rec["uncertainty"]  # U: the test split's calibration recorded by training
+    assert u["available"] and 0 <= u["ece"] <= 1 and 0 <= u["uncertainty_auroc"] <= 1
+    assert rec["cost"]["gflops"] > 0 and rec["cost"]["params"] > 0 and rec["cost"]["threads"] >= 1
+    page = (out / "report.html").read_text()
+    assert "U — uncertainty and calibration" in page and "fig-reliability" in page and "Cost of the model" in page
     assert set(rec["metrics"]["metrics"]) == {"val", "test"}
     Z = rec["masks"]
     assert Z["split"] == "test" and Z["n_images"] == 2 and Z["shown"] == 2 and len(Z["images"]) == 2
