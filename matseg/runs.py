@@ -117,8 +117,9 @@ class RunLock:
         key = str(self.path.resolve())
         if key in _HELD: _HELD[key][1] += 1; self._mode = "reentrant"; return self
         inherited = os.environ.get(self.ENV, "")
-        if inherited.rpartition("::")[0] == key and self._record().get("token") == inherited.rpartition("::")[2] \
-                and _pid_alive(self._record().get("pid", -1)):
+        rec = self._record()  # a worker on another host cannot see the holder's pid: the secret token proves the lineage
+        if inherited.rpartition("::")[0] == key and rec.get("token") == inherited.rpartition("::")[2] \
+                and (rec.get("host") != socket.gethostname() or _pid_alive(rec.get("pid", -1))):
             self._mode = "inherited"; return self
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -733,7 +734,7 @@ def _train(job, out_dir, jdir, res_path, spec, h, device, data, callbacks, stop,
         if diverged is None and ((epoch + 1) % tr.val_every == 0 or epoch + 1 == tr.max_epochs):
             val, _ = evaluate(model, xva, yva, K, size, tr.tile_overlap, amp=amp, boundary=False, ignore_index=ig)
             row.update(val_loss=val["loss"], val_miou=val["miou"])
-            sampler.update(val["iou"])  # adaptive sampling follows each class's validation difficulty (others: no-op)
+            if "iou" in val: sampler.update(val["iou"])  # adaptive sampling follows each class's val difficulty (others: no-op)
             diverged = _finite_or_diverged(val["loss"], "the validation loss", epoch + 1)
             if diverged is None and stopper.step(epoch, _monitor_value(monitor, val)):
                 row["best"] = True

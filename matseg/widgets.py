@@ -23,7 +23,8 @@ from plotly.subplots import make_subplots
 from .core import MatsegError, atomic_write_bytes, resolve_device
 from .data import read_image
 from .explain import KERNELS, counterfactual_heatmap, upsample
-from .runs import TrainedJob, train_job
+from .cluster import grid_events
+from .runs import RunLock, TrainedJob, prepare_grid, train_job
 from .profile import (ProfileError, check_paths, compile_profile, load_profile, parse_profile, profile_to_dict,
                             save_profile, valid_decoders, valid_encoders)
 
@@ -387,8 +388,11 @@ class TrainLauncher:
                  device: str = "auto",  # "auto" = CUDA when present, else CPU
                  jobs: list | None = None,  # subset of `compile_profile(profile)` (default: all)
                  data: dict | None = None,  # dataset name -> preloaded xarray Dataset (default: read from disk)
+                 client=None,  # a `dask.distributed.Client`: submit the jobs to its cluster (`matseg.cluster.grid_events`)
+                 retries: int = 2,  # with a client: extra attempts of a job that raised
                 ):
-        self.data = dict(data or {})
+        self.data, self.client, self.retries = dict(data or {}), client, retries
+        self.job_status: dict[str, str] = {}
         self.profile = load_profile(profile) if isinstance(profile, (str, Path)) else profile
         self.jobs = list(jobs) if jobs is not None else compile_profile(self.profile)
         self.out_dir, self.device = Path(out_dir), resolve_device(device)
@@ -401,7 +405,8 @@ class TrainLauncher:
         self.stop_button = W.Button(description="Stop", icon="stop", button_style="danger", disabled=True)
         self.start_button.on_click(lambda _: self.start()); self.stop_button.on_click(lambda _: self.stop())
         self.figure = history_figure()
-        self.widget = W.VBox([W.HBox([self.start_button, self.stop_button, self.progress]), self.status, self.figure])
+        self.jobs_html = W.HTML()
+        self.widget = W.VBox([W.HBox([self.start_button, self.stop_button, self.progress]), self.status, self.jobs_html, self.figure])
 
     def _ipython_display_(self):
         from IPython.display import display
@@ -441,9 +446,35 @@ class TrainLauncher:
                                  + (f", val mIoU {vm:.3f}" if vm is not None else ""))
         return cb
 
+    def _set_status(self, job_id: str, state: str):
+        self.job_status[job_id] = state
+        self.jobs_html.value = "<table>" + "".join(f"<tr><td><code>{escape(j)}</code></td><td>{escape(s)}</td></tr>"
+                                                   for j, s in self.job_status.items()) + "</table>"
+
+    def _run_cluster(self):
+        "The jobs as tasks of the client's cluster; per-job status from `grid_events` (submitted, epoch, done, failed)."
+        with RunLock(self.out_dir):
+            jobs, specs = prepare_grid(self.jobs, self.out_dir)
+            events = grid_events(self.client, jobs, self.out_dir, specs, str(self.device), self.retries)
+            try:
+                for ev in events:
+                    if self.stop_event.is_set(): break  # closing the generator cancels the queued tasks
+                    jid, kind = ev.get("job", ""), ev.get("event")
+                    if kind == "submitted": self._set_status(jid, "queued")
+                    elif kind == "epoch":
+                        self._set_status(jid, f"epoch {ev['row'].get('epoch')}"); self._on_epoch_end(jid)(ev["row"])
+                    elif kind == "done":
+                        self._set_status(jid, "reused" if ev.get("reused") else ev["result"].get("status", "done"))
+                        self.results.append(ev["result"])
+                    elif kind == "failed":
+                        self._set_status(jid, f"failed: {str(ev.get('error'))[:200]}")
+            finally:
+                events.close()
+
     def _run(self):
         try:
-            for job in self.jobs:
+            if self.client is not None: self._run_cluster()
+            for job in ([] if self.client is not None else self.jobs):
                 if self.stop_event.is_set(): break
                 self.status.value = f"training <code>{escape(job.id)}</code> on {self.device} ..."
                 res = train_job(job, self.out_dir, device=self.device, data=self.data.get(job.dataset.name),

@@ -440,7 +440,7 @@ def test_center_blend_keeps_central_predictions():
 def test_tile_dataset():
     ds = load_dataset(_sample_spec())
     td = tile(ds, 256, 0)
-    assert td.image.shape == (32, 1, 256, 256) and td.sizes["sample"] == 4 * ds.sizes["sample"]
+    assert td.image.shape == (72, 1, 256, 256) and td.sizes["sample"] == 4 * ds.sizes["sample"]
     first = td.isel(sample=3)
     assert first.source.item() == ds.sample.values[0] and (first.tile_y.item(), first.tile_x.item()) == (256, 256)
     assert np.array_equal(first.mask.values, ds.mask.values[0, 256:, 256:])
@@ -458,8 +458,8 @@ def test_shipped_sample_is_small_attributed_and_loads():
     att = (SAMPLE / "ATTRIBUTION.md").read_text()
     assert "f50b568" in att and "Stuckner" in att and "npj" in att
     ds = load_dataset(_sample_spec())
-    assert ds.image.shape == (8, 1, 512, 512) and ds.image.dtype == np.float32 and ds.mask.dtype == np.uint8
-    assert list(ds.split.values) == ["train"] * 4 + ["val"] * 2 + ["test"] * 2
+    assert ds.image.shape == (18, 1, 512, 512) and ds.image.dtype == np.float32 and ds.mask.dtype == np.uint8
+    assert list(ds.split.values) == ["train"] * 10 + ["val"] * 4 + ["test"] * 4
     assert json.loads(ds.attrs["classes"]) == SUPER1_CLASSES and ds.attrs["modality"] == "SEM"
     assert list(ds.file.values)[0].endswith(".png") and isinstance(pair_files(_sample_spec())[0], Sample)
     img, m = read_sample(pair_files(_sample_spec())[5], _sample_spec())
@@ -467,7 +467,7 @@ def test_shipped_sample_is_small_attributed_and_loads():
     sp16 = _sample_spec().model_copy(update={"normalization": NormSpec(kind="minmax")})
     assert normalize(np.array([[[2, 4]]], np.uint8), sp16).tolist() == [[[0.0, 1.0]]]  # a DatasetSpec's normalization
     cf = class_fraction(ds)
-    oracle = np.bincount(ds.mask.values[:4].ravel(), minlength=3) / ds.mask.values[:4].size
+    oracle = np.bincount(ds.mask.values[:10].ravel(), minlength=3) / ds.mask.values[:10].size  # the 10 train images
     assert np.allclose(cf.sel(split="train").values, oracle) and cf.dims == ("split", "class")
 
 
@@ -489,14 +489,14 @@ def test_summarize_shape_and_cli(tmp_path, capsys):
     s = summarize(prof)
     (d,) = s["datasets"]
     assert set(d) == {"name", "modality", "splits", "classes", "class_fraction", "shapes", "dtypes", "channels"}
-    assert d["splits"] == {"train": 4, "val": 2, "test": 2} and d["shapes"] == [[1, 512, 512]] and d["dtypes"] == ["uint8"]
+    assert d["splits"] == {"train": 10, "val": 4, "test": 4} and d["shapes"] == [[1, 512, 512]] and d["dtypes"] == ["uint8"]
     assert all(len(v) == 3 and abs(sum(v) - 1) < 1e-5 for v in d["class_fraction"].values())
     r = run_matseg("data", asset_path("profiles", "sample.json"), "--json")  # the real console script, once
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout) == json.loads(json.dumps(s))
     assert main(["data", str(asset_path("profiles", "sample.json"))]) == 0
     out = capsys.readouterr().out
-    assert "train 4 / val 2 / test 2" in out and "secondary_gamma_prime" in out and "1x512x512" in out
+    assert "train 10 / val 4 / test 4" in out and "secondary_gamma_prime" in out and "1x512x512" in out
     bad = json.loads(asset_path("profiles", "sample.json").read_text())
     bad["datasets"][0]["root"] = "missing_folder"
     (tmp_path / "p.json").write_text(json.dumps(bad))

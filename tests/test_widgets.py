@@ -217,3 +217,23 @@ def test_figure_to_png(tmp_path):
     from PIL import Image
     assert Image.open(p).size == (300, 200)
 
+
+
+def test_train_launcher_on_a_cluster(tmp_path):
+    "With a dask client the launcher submits the grid as tasks and shows each job's status (issue 12)."
+    from conftest import write_toy_dataset
+    from distributed import Client, LocalCluster
+    write_toy_dataset(tmp_path / "data")
+    prof = parse_profile(dict(
+        name="toy", datasets=[dict(name="toy", modality="SEM", material="synthetic", root=str(tmp_path / "data"),
+                                   classes=["matrix", "disc", "band"])],
+        task=dict(objective="find discs"), model=dict(encoders=["resnet18"], decoders=["unet"], weights="none"),
+        training=dict(batch_size=4, max_epochs=1, crop_size=32, crops_per_image=1, tile_overlap=0, amp=False, seeds=[0, 1])))
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cl, Client(cl) as c:
+        tl = TrainLauncher(prof, tmp_path / "run", device="cpu", client=c, retries=0)
+        tl.start(); res = tl.wait(300)
+    ids = ["toy__resnet18__unet__s0", "toy__resnet18__unet__s1"]
+    assert sorted(r["id"] for r in res) == ids and all(r["status"] == "done" for r in res), res
+    assert all(tl.job_status[j] == "done" for j in ids) and all(j in tl.jobs_html.value for j in ids)
+    assert all((tmp_path / "run" / "toy" / j / "result.json").exists() for j in ids)
+    assert "done: 2 job(s)" in tl.status.value
