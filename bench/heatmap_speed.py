@@ -142,36 +142,13 @@ def main(argv=None) -> int:
 
 def _run_truncated(inc: _Incremental, box, values, tol: float, scale: dict):
     "`_Incremental.run` with each op's changed box shrunk to where |change| > tol × std of the activation."
-    delta = {inc.x_node: (tuple(box), values)}
-    for n in inc.nodes:
-        if n.op != "call_function" or n not in inc.need: continue
-        r = inc.rule[n]
-        if r == "const" or not any(delta.get(v) is not None for v in n.all_input_nodes): continue
-        if r == "getitem":
-            d = delta[n.args[0]]
-            delta[n] = d if len(d) == 2 and isinstance(d[1], torch.Tensor) else d[n.args[1]]
-            continue
-        if r == "full":
-            env = {v: inc._whole(inc.base[v], delta.get(v)) for v in n.all_input_nodes}
-            out = n.target(*inc._map(n.args, env), **inc._map(n.kwargs, env))
-            nb = inc.need[n]
-            if isinstance(out, (tuple, list)): delta[n] = tuple((None, o) for o in out)
-            elif isinstance(out, torch.Tensor) and out.ndim == 4 and nb is not None:
-                delta[n] = (nb, out[..., nb[0]:nb[1], nb[2]:nb[3]])
-            else: delta[n] = (None, out)
-            continue
-        fb = inc._fwd_box(n, delta)
-        ob = _ibox(fb, inc.need[n]) if inc.need[n] is not None else fb
-        if ob is None: continue
-        out = inc._compute(n, ob, delta)
-        if isinstance(out, torch.Tensor) and r in ("window", "pointwise"):
-            m = (out - inc.base[n][..., ob[0]:ob[1], ob[2]:ob[3]]).abs().amax((0, 1)) > tol * scale[n]
-            if not bool(m.any()): continue
-            rr, cc = torch.nonzero(m.any(1)).ravel(), torch.nonzero(m.any(0)).ravel()
-            r0, r1, c0, c1 = int(rr[0]), int(rr[-1]) + 1, int(cc[0]), int(cc[-1]) + 1
-            out, ob = out[..., r0:r1, c0:c1], (ob[0] + r0, ob[0] + r1, ob[2] + c0, ob[2] + c1)
-        delta[n] = tuple([(ob, out[0])] + [None] * (len(out) - 1)) if isinstance(out, tuple) else (ob, out)
-    return inc._crop(inc.out_node, delta, inc._out_box())
+    def shrink(n, ob, out):
+        m = (out - inc.base[n][..., ob[0]:ob[1], ob[2]:ob[3]]).abs().amax((0, 1)) > tol * scale[n]
+        if not bool(m.any()): return None
+        rr, cc = torch.nonzero(m.any(1)).ravel(), torch.nonzero(m.any(0)).ravel()
+        r0, r1, c0, c1 = int(rr[0]), int(rr[-1]) + 1, int(cc[0]), int(cc[-1]) + 1
+        return (ob[0] + r0, ob[0] + r1, ob[2] + c0, ob[2] + c1), out[..., r0:r1, c0:c1]
+    return inc.run(box, values, shrink=shrink)
 
 
 def _probes(model, x, region, ex, patch, kernel, n_sample) -> list[str]:

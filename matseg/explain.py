@@ -457,7 +457,9 @@ class _Incremental:
         "The unperturbed output over the output node's need."
         return self._crop(self.out_node, {}, self._out_box())
 
-    def run(self, box, values) -> torch.Tensor:
+    def run(self, box, values,
+            shrink: Callable | None = None,  # (node, box, out) -> (box, out) or None (no change): narrows a changed box
+           ) -> torch.Tensor:
         "The model's output over the output node's need, the input's box (y0, y1, x0, x1) replaced by values."
         delta = {self.x_node: (tuple(box), values)}
         for n in self.nodes:
@@ -481,6 +483,10 @@ class _Incremental:
             ob = _ibox(fb, self.need[n]) if self.need[n] is not None else fb
             if ob is None: continue
             out = self._compute(n, ob, delta)
+            if shrink is not None and isinstance(out, torch.Tensor) and r in ("window", "pointwise"):
+                s = shrink(n, ob, out)
+                if s is None: continue
+                ob, out = s
             delta[n] = tuple([(ob, out[0])] + [None] * (len(out) - 1)) if isinstance(out, tuple) else (ob, out)
         return self._crop(self.out_node, delta, self._out_box())
 
