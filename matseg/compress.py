@@ -25,7 +25,8 @@ from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
     X86InductorQuantizer, get_default_x86_inductor_quantization_config)
 
-from .core import MatsegError, atomic_path, atomic_write_json, atomic_write_text, check_out_dir, cli_parser, write_csv
+from .core import (MatsegError, atomic_path, atomic_write_json, atomic_write_text, check_out_dir, cli_parser, read_json,
+                         write_csv)
 from .models import DECODERS, build_model, decoder_key, sha256_file
 from .train import CropSampler, evaluate, inverse_frequency_weights, make_loss, make_optimizer, seed_everything, train_step
 from .profile import apply_overrides, load_profile
@@ -432,9 +433,7 @@ def load_compressed(path,  # compressed checkpoint .safetensors / .json, or its 
                    ) -> tuple[nn.Module, dict]:
     "Rebuild a compressed model (no unpickling): architecture from the sidecar, recipe, safetensors, int8 re-calibrated."
     p, side = _compressed_paths(path)
-    try: meta = json.loads(side.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MatsegError(f"{side} is not valid JSON ({e}); re-run `matseg compress`") from None
+    meta = read_json(side, "re-run `matseg compress`")
     if meta.get("format") != COMPRESSED_FORMAT or not isinstance(meta.get("compression"), dict):
         raise MatsegError(f"{side} is not a {COMPRESSED_FORMAT} sidecar (format {meta.get('format')!r}); load ordinary "
                           "checkpoints with matseg.models.load_checkpoint")

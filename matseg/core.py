@@ -17,7 +17,7 @@ from pathlib import Path
 
 # %% auto #0
 __all__ = ['DEVICE_HELP', 'MatsegError', 'atomic_path', 'atomic_write_bytes', 'atomic_write_text', 'atomic_write_json',
-           'asset_path', 'resolve_device', 'write_csv', 'check_out_dir', 'cli_parser']
+           'asset_path', 'resolve_device', 'write_csv', 'read_json', 'check_out_dir', 'cli_parser']
 
 # %% ../nbs/12_core.ipynb #44d8d5dd
 class MatsegError(Exception):
@@ -101,6 +101,17 @@ def write_csv(path: str | os.PathLike,  # destination
     buf = io.StringIO(); w = csv.writer(buf, lineterminator="\n")
     w.writerow(header); w.writerows(rows)
     return atomic_write_text(path, buf.getvalue())
+
+# %% ../nbs/12_core.ipynb #55f40490
+def read_json(path: str | os.PathLike,  # a JSON file matseg wrote (sidecar, record)
+              fix: str,  # what the user should do when it is not valid JSON
+             ):
+    "The parsed JSON of a file matseg wrote, or a `MatsegError` naming the file, the parse error and the fix."
+    p = Path(path)
+    try: return json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MatsegError(f"{p} is not valid JSON ({e}); {fix}") from None
+
 
 # %% ../nbs/12_core.ipynb #f3cd7362
 DEVICE_HELP = "auto (CUDA when available; the default), cpu, cuda, cuda:N, mps"

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core import MatsegError, atomic_path, atomic_write_json, resolve_device
+from .core import MatsegError, atomic_path, atomic_write_json, read_json, resolve_device
 
 
 # %% auto #0
@@ -565,9 +565,7 @@ def load_checkpoint(path: str | os.PathLike,  # .safetensors file, its .json, or
                    ) -> tuple[nn.Module, dict]:
     "Rebuild the model from the sidecar and load its tensors (eval mode); return (model, meta)."
     p, side = _checkpoint_paths(path)
-    try: meta = json.loads(side.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MatsegError(f"{side} is not valid JSON ({e}); restore it from the run folder") from None
+    meta = read_json(side, "restore it from the run folder")
     missing = [k for k in _ARCH_KEYS if k not in meta]
     if missing: raise MatsegError(f"{side} lacks {', '.join(missing)}; it is not a matseg checkpoint sidecar")
     if meta.get("sha256") and meta["sha256"] != sha256_file(p):

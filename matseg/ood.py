@@ -725,7 +725,9 @@ def qc_run(tj: TrainedJob, # the trained job (`TrainedJob.open`)
     q.update(method="Forte (PRDC statistics + density detector), matseg.ood.qc_run", features=features, tile=int(tile),
              level=level, id=id_ref, n_id_images=len(ID["names"]), n_id_groups=int(len(np.unique(gi))),
              heldout_images=[ID["names"][i] for i in np.nonzero(held_img)[0]],
-             fit_images=[ID["names"][i] for i in np.nonzero(fit_img)[0]], input=tj.pipeline.to_dict())
+             fit_images=[ID["names"][i] for i in np.nonzero(fit_img)[0]], input=tj.pipeline.to_dict(),
+             shift_sets=shift_sets, heldout=heldout, job={"checkpoint": str(tj.checkpoint), "job": tj.meta.get("job"),
+                                                          "spec_hash": tj.meta.get("spec_hash")})
     return q
 
 

@@ -279,6 +279,7 @@ def test_cli_ood_end_to_end(tmp_path, tiny_checkpoint):
     summ = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summ["n_id_images"] == 14 and summ["n_fit_images"] == summ["n_heldout_images"] == 7  # whole images as groups
     assert summ["tile"] == 256 and summ["k"] == auto_k(7 * 4, 7)  # k from the fit ID data only
+    assert summ["shift_sets"] == ["noise"] and summ["job"]["checkpoint"] == str(tiny_checkpoint)  # what produced it
     dv = summ["detector_validated"]
     assert dv["designated"] == ["noise@3"] and dv["validated"] == (dv["min_auroc"] > 0.95)
     assert set(summ["shifts"]) == {f"noise@{lv}" for lv in (1, 2, 3, 4)}
