@@ -778,7 +778,8 @@ def _train(job, out_dir, jdir, res_path, spec, h, device, data, callbacks, stop,
             m, preds = evaluate(best, xs, ys, K, size, tr.tile_overlap, amp=amp, boundary=True, tolerance=tol,
                                 rule=rule, ignore_index=ig)
             dc = DefectCounter.from_task(job.task, data.classes, ig) if getattr(job, "task", None) is not None else None
-            if dc is not None: m["defects"] = dc.update(preds, ys.cpu().numpy()).scores()  # pooled over the split
+            if dc is not None:  # pooled over the split; true objects: annotated instances where the data has them
+                m["defects"] = dc.update(preds, ys.cpu().numpy(), true_instances=data.instances.get(split)).scores()
             metrics[split] = m
     calib = _calibration(best, ckpt, tr, job, (xva, yva, nva), (xte, yte, nte), K, size, ig, amp)
     if "test" in metrics: metrics["test"].update(calib.pop("columns"))

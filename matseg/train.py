@@ -30,7 +30,7 @@ from .core import MatsegError
 
 # %% auto #0
 __all__ = ['LOSSES', 'OPTIMIZERS', 'SCHEDULERS', 'UNCERTAINTY_METHODS', 'UNCERTAINTY_MEASURE', 'seed_everything', 'get_rng_state',
-           'set_rng_state', 'split_tensors', 'CropSampler', 'inverse_frequency_weights', 'entropy',
+           'set_rng_state', 'split_tensors', 'split_instances', 'CropSampler', 'inverse_frequency_weights', 'entropy',
            'uncertainty_weighted_ce', 'dirichlet_kl_uniform', 'evidential_loss', 'CEDiceLoss', 'make_loss',
            'make_optimizer', 'EarlyStopping', 'predict_tiled', 'check_method', 'uncertainty_default', 'mc_passes',
            'predict_uncertainty_tiled', 'evaluate', 'Calibration', 'fit_temperature_logits', 'fit_temperature',
@@ -79,6 +79,14 @@ def split_tensors(ds,  # dataset from `matseg.data.load_dataset` (image, mask, c
         free, _ = torch.cuda.mem_get_info(device)
         if images.nbytes + masks.nbytes > free / 3: device = torch.device("cpu")  # stream batches instead
     return images.to(device), masks.to(device), names
+
+def split_instances(ds,  # dataset from `matseg.data.load_dataset`
+                    split: str,  # "train", "val" or "test"
+                   ) -> torch.Tensor | None:
+    "Annotated instance ids (N,H,W) int32 of one split (0 = none; kept on the CPU), or None without `instances`."
+    if "instances" not in ds.data_vars: return None
+    idx = np.flatnonzero(np.asarray(ds["split"].values) == split)
+    return torch.from_numpy(np.ascontiguousarray(ds["instances"].values[idx], dtype=np.int32))
 
 # %% ../nbs/05_train.ipynb #b141feb6
 class CropSampler:
@@ -672,9 +680,14 @@ def calibrate(model: nn.Module,  # model (eval mode)
 
 # %% ../nbs/05_train.ipynb #e01d11d6
 class JobData:
-    "Tensors of the train/val/test splits of one dataset, with class names and context."
-    def __init__(self, splits: dict, classes: list[str], context: dict):
+    "Tensors of the train/val/test splits of one dataset, with class names, context and annotated instances."
+    def __init__(self, splits: dict,  # split -> (images, masks, names)
+                 classes: list[str],  # class names
+                 context: dict,  # what a results table needs about the data
+                 instances: dict | None = None,  # split -> annotated instance ids (N, H, W) or None (no annotations)
+                ):
         self.splits, self.classes, self.context = splits, classes, context
+        self.instances = {s: (instances or {}).get(s) for s in splits}
     @property
     def in_channels(self) -> int: return int(self.splits["train"][0].shape[1])
 
@@ -690,7 +703,7 @@ def prepare_data(ds,  # dataset from `matseg.data.load_dataset`
     k = int(np.argmin(frac))
     ctx = {"n_images": {s: len(v[2]) for s, v in splits.items()}, "image_shape": list(splits["train"][0].shape[2:]),
            "class_fraction": dict(zip(classes, frac)), "minority_class": classes[k], "minority_fraction": frac[k]}
-    return JobData(splits, classes, ctx)
+    return JobData(splits, classes, ctx, {s: split_instances(ds, s) for s in splits})
 
 # %% ../nbs/05_train.ipynb #64706e35
 def train_step(model: nn.Module,  # model (or its torch.compile wrapper), in train mode
