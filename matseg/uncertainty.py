@@ -23,13 +23,19 @@ from .train import (UNCERTAINTY_MEASURE, UNCERTAINTY_METHODS, Calibration, calib
                           uncertainty_default)
 
 # %% auto #0
-__all__ = ['SHIFTS', 'uncertainty_dataset', 'save_uncertainty', 'colorize', 'overlay_image', 'save_overlays',
-           'reliability_figure', 'shifted', 'uncertainty_under_shift', 'cli_uncertainty']
+__all__ = ['SHIFTS', 'uncertainty_dataset', 'save_uncertainty', 'map_names', 'image_uncertainty', 'colorize', 'plotly_colorscale',
+           'map_range', 'overlay_image', 'save_overlays', 'reliability_figure', 'shifted', 'uncertainty_under_shift',
+           'cli_uncertainty']
 
 # %% ../nbs/05b_uncertainty.ipynb #e0802e6b
 def _var_name(name: str) -> str:
     "A NetCDF-safe variable suffix from a class name."
     return re.sub(r"[^0-9A-Za-z_]", "_", str(name)) or "class"
+
+def _suffixes(classes: list[str]) -> list[str]:
+    "The per-class variable suffixes of a class list (made unique with the class index when two names collide)."
+    names = [_var_name(c) for c in classes]
+    return names if len(set(names)) == len(names) else [f"{n}_{i}" for i, n in enumerate(names)]
 
 def uncertainty_dataset(maps: dict,  # from `TrainedJob.uncertainty` / `predict_uncertainty_tiled`
                         classes: list[str],  # class names (K)
@@ -40,8 +46,7 @@ def uncertainty_dataset(maps: dict,  # from `TrainedJob.uncertainty` / `predict_
     mean = np.asarray(torch.as_tensor(maps["mean_prob"]).float().numpy())
     if mean.ndim != 3 or mean.shape[0] != len(classes):
         raise MatsegError(f"uncertainty_dataset: mean_prob has shape {mean.shape} for {len(classes)} classes")
-    names = [_var_name(c) for c in classes]
-    if len(set(names)) != len(names): names = [f"{n}_{i}" for i, n in enumerate(names)]
+    names = _suffixes(classes)
     data = {"prediction": (("y", "x"), mean.argmax(0).astype(np.uint8))}
     for k, v in maps.items():
         a = np.asarray(torch.as_tensor(v).float().numpy())
@@ -64,6 +69,37 @@ def save_uncertainty(ds: xr.Dataset,  # from `uncertainty_dataset`
     with atomic_path(path) as tmp: ds.to_netcdf(tmp, engine="h5netcdf")
     return Path(path)
 
+# %% ../nbs/05b_uncertainty.ipynb #587002ea
+def map_names(method: str,  # "mc" | "evidential" | "softmax"
+              classes: list[str],  # class names (K)
+             ) -> dict[str, str]:
+    "The pixel maps `uncertainty_dataset` holds for a method, variable -> label (total, epistemic, per class), without computing them."
+    if method not in UNCERTAINTY_METHODS:
+        raise MatsegError(f"uncertainty method {method!r} is unknown; use one of {', '.join(UNCERTAINTY_METHODS)}")
+    sfx = _suffixes(classes)
+    out = {"entropy": "entropy"}
+    if method == "mc": out["mutual_information"] = "mutual information"
+    if method == "evidential": out["vacuity"] = "vacuity"
+    if method == "mc": out.update({f"variance_{s}": f"variance: {c}" for s, c in zip(sfx, classes)})
+    out.update({f"mean_prob_{s}": f"mean probability: {c}" for s, c in zip(sfx, classes)})
+    return out
+
+def image_uncertainty(tj: TrainedJob,  # the trained job
+                      x: torch.Tensor,  # model tensor (C, H, W) (`tj.prepare(raw)` / `tj.from_unit(x01)`)
+                      method: str | None = None,  # None: what the job was trained for (`uncertainty_default`)
+                      samples: int = 20,  # MC-dropout passes T
+                      seed: int | None = None,  # fixes the dropout masks (the caller's RNG state is restored); None: unseeded
+                      **attrs,  # recorded as dataset attributes (image, checkpoint, ...)
+                     ) -> xr.Dataset:
+    "The uncertainty maps of one image under a trained job, as the `uncertainty_dataset` (dims y, x) with method and T recorded."
+    method = check_method(tj.model, method or uncertainty_default(tj.model), samples)
+    dev = next(tj.model.parameters()).device
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else [], enabled=seed is not None):
+        if seed is not None: torch.manual_seed(seed)
+        maps = tj.uncertainty(torch.as_tensor(x), method=method, samples=samples)
+    return uncertainty_dataset(maps, tj.classes, method=method, samples=samples if method == "mc" else 1,
+                               seed=seed, **attrs)
+
 # %% ../nbs/05b_uncertainty.ipynb #956361c0
 _VIRIDIS = np.array([[68, 1, 84], [72, 40, 120], [62, 74, 137], [49, 104, 142], [38, 130, 142], [31, 158, 137],
                      [53, 183, 121], [109, 205, 89], [180, 222, 44], [253, 231, 37]], np.float32)
@@ -73,6 +109,19 @@ def colorize(v: np.ndarray,  # values in [0, 1]
     "RGB (..., 3) float32 in 0..255 of a viridis-like colour map."
     t = np.nan_to_num(np.clip(v, 0, 1)) * (len(_VIRIDIS) - 1)
     return np.stack([np.interp(t, np.arange(len(_VIRIDIS)), _VIRIDIS[:, k]) for k in range(3)], -1)
+
+def plotly_colorscale() -> list:
+    "The overlays' colour map as a plotly colourscale: figures and PNGs show a value in the same colour."
+    n = len(_VIRIDIS) - 1
+    return [[i / n, "rgb(%d,%d,%d)" % tuple(int(v) for v in c)] for i, c in enumerate(_VIRIDIS)]
+
+def map_range(name: str,  # a variable of `uncertainty_dataset`
+              n_classes: int | None = None,  # K
+             ) -> float | None:
+    "The fixed top of a map's colour scale, so images compare: log K for entropy, 1 for vacuity and probabilities; None: the map's maximum."
+    if name == "entropy": return math.log(n_classes) if n_classes and n_classes > 1 else None
+    if name == "vacuity" or name.startswith("mean_prob"): return 1.0
+    return None
 
 def overlay_image(image01: np.ndarray,  # (C, H, W) or (H, W) image in [0, 1]
                   value: np.ndarray,  # (H, W) map
@@ -97,11 +146,10 @@ def save_overlays(ds: xr.Dataset,  # from `uncertainty_dataset`
                  ) -> list[Path]:
     "One overlay PNG per pixel map (entropy, mutual_information, vacuity), written atomically."
     out = []
-    top = {"entropy": math.log(n_classes) if n_classes and n_classes > 1 else None, "vacuity": 1.0}
     for k in ("entropy", "mutual_information", "vacuity"):
         if k not in ds: continue
         p = Path(f"{stem}_{k}.png")
-        with atomic_path(p) as tmp: overlay_image(image01, ds[k].values, vmax=top.get(k)).save(tmp, format="PNG")
+        with atomic_path(p) as tmp: overlay_image(image01, ds[k].values, vmax=map_range(k, n_classes)).save(tmp, format="PNG")
         out.append(p)
     return out
 
@@ -209,9 +257,8 @@ def cli_uncertainty(argv: list[str] | None = None,  # arguments after `matseg un
     for path, stem in zip(a.images, stems):
         raw = read_image(path)
         x, disp = tj.prepare(raw), np.clip(tj.pipeline.normalize(raw, path), 0, 1)
-        maps = tj.uncertainty(x, method=method, samples=a.samples)
-        ds = uncertainty_dataset(maps, tj.classes, method=method, samples=summary["samples"], image=path,
-                                 checkpoint=a.checkpoint, temperature=tj.model.matseg_head["temperature"])
+        ds = image_uncertainty(tj, x, method, a.samples, image=path, checkpoint=a.checkpoint,
+                               temperature=tj.model.matseg_head["temperature"])
         nc = save_uncertainty(ds, out / f"{stem}.nc")
         pngs = save_overlays(ds, disp, out / stem, tj.n_classes)
         summary["images"][path] = {"netcdf": nc.name, "overlays": [p.name for p in pngs],
