@@ -6,37 +6,30 @@
 from __future__ import annotations
 
 import copy
-import inspect
-import json
 import math
 import time
-from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
-import safetensors.torch
 import torch
 import torch_pruning as tp
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
-from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
-    X86InductorQuantizer, get_default_x86_inductor_quantization_config)
 
-from .core import (MatsegError, atomic_path, atomic_write_json, atomic_write_text, check_out_dir, cli_parser, read_json,
-                         write_csv)
-from .models import DECODERS, build_model, decoder_key, sha256_file
+from .core import MatsegError, atomic_write_json, atomic_write_text, check_out_dir, cli_parser, write_csv
+from .compressed import (CALIBRATION, COMPRESSED_FORMAT, PROBE_TOL, Int8Segmenter, LowRankConv2d, LowRankLinear,  # noqa: F401
+                              _lowrank_kind, _probe_err, _spectrum, apply_recipe, load_compressed, quantize_int8,
+                              save_compressed, structure_recipe)
+from .models import build_model
 from .train import CropSampler, evaluate, inverse_frequency_weights, make_loss, make_optimizer, seed_everything, train_step
 from .profile import apply_overrides, load_profile
 from .runs import TrainedJob, markdown_table, save_run_profile
 
 # %% auto #0
-__all__ = ['IMPORTANCE', 'COMPRESSED_FORMAT', 'CALIBRATION', 'PROBE_TOL', 'METHODS', 'count_params', 'gflops', 'cpu_ms',
-           'LowRankConv2d', 'LowRankLinear', 'structure_recipe', 'apply_recipe', 'head_modules', 'prune_channels',
-           'unstructured_sparsity', 'lowrank_factorize', 'quantize_int8', 'Int8Segmenter', 'save_compressed',
-           'load_compressed', 'finetune', 'time_models', 'compress', 'cli_compress']
+__all__ = ['IMPORTANCE', 'METHODS', 'count_params', 'gflops', 'cpu_ms', 'head_modules', 'prune_channels', 'unstructured_sparsity',
+           'lowrank_factorize', 'finetune', 'time_models', 'compress', 'cli_compress']
 
 # %% ../nbs/14_compress.ipynb #a3b59f75
 def count_params(model: nn.Module) -> int:
@@ -68,143 +61,6 @@ def cpu_ms(model: nn.Module,  # model on the CPU
         for _ in range(repeats):
             t0 = time.perf_counter(); model(x); ts.append(time.perf_counter() - t0)
     return float(np.median(ts)) * 1000 / len(x)
-
-# %% ../nbs/14_compress.ipynb #e3ef0a75
-_SHAPE_ATTRS = ((nn.modules.conv._ConvNd, ("in_channels", "out_channels", "groups")),
-                (nn.modules.batchnorm._BatchNorm, ("num_features",)),
-                (nn.Linear, ("in_features", "out_features")),
-                (nn.GroupNorm, ("num_groups", "num_channels")))
-
-def _attrs_of(m: nn.Module) -> tuple[str, ...]:
-    for cls, attrs in _SHAPE_ATTRS:
-        if isinstance(m, cls): return attrs
-    return ()
-
-def _own_tensors(m: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)] if v is not None}
-
-def _spectrum(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    "Squared singular values (descending) and left singular vectors of a 2-D weight, from the small Gram matrix W·Wᵀ."
-    W = W.detach().double()
-    G = W @ W.T if W.shape[0] <= W.shape[1] else None
-    if G is None:  # tall: the SVD itself is small
-        U, S, _ = torch.linalg.svd(W, full_matrices=False)
-        return S ** 2, U
-    ev, U = torch.linalg.eigh(G)
-    return ev.flip(0).clamp_min(0), U.flip(1)
-
-class LowRankConv2d(nn.Module):
-    "A k×k convolution as k×k into `rank` channels (Uᵣᵀ·W), then 1×1 out (Uᵣ): W's best rank-r approximation."
-    def __init__(self, conv: nn.Conv2d,  # the convolution it replaces (its hyper-parameters)
-                 rank: int,  # inner channels
-                ):
-        super().__init__()
-        self.reduce = nn.Conv2d(conv.in_channels, rank, conv.kernel_size, conv.stride, conv.padding, conv.dilation, bias=False)
-        self.expand = nn.Conv2d(rank, conv.out_channels, 1, bias=conv.bias is not None)
-
-    @classmethod
-    def from_conv(cls, conv: nn.Conv2d,  # the convolution to factorise
-                  rank: int,  # inner channels (exact at full rank min(out, in·k·k))
-                  U: torch.Tensor | None = None,  # its left singular vectors, if already computed (`_spectrum`)
-                 ) -> "LowRankConv2d":
-        "The factorisation of `conv` at `rank`."
-        m = cls(conv, rank)
-        U = (_spectrum(conv.weight.flatten(1))[1] if U is None else U)[:, :rank]  # (out, r)
-        with torch.no_grad():
-            m.reduce.weight.copy_((U.T @ conv.weight.detach().double().flatten(1)).reshape(rank, *conv.weight.shape[1:]).float())
-            m.expand.weight.copy_(U.reshape(conv.out_channels, rank, 1, 1).float())
-            if conv.bias is not None: m.expand.bias.copy_(conv.bias.detach())
-        return m
-
-    def forward(self, x): return self.expand(self.reduce(x))
-
-class LowRankLinear(nn.Module):
-    "A linear layer as in → rank → out (truncated SVD)."
-    def __init__(self, lin: nn.Linear, rank: int):
-        super().__init__()
-        self.reduce = nn.Linear(lin.in_features, rank, bias=False)
-        self.expand = nn.Linear(rank, lin.out_features, bias=lin.bias is not None)
-
-    @classmethod
-    def from_linear(cls, lin: nn.Linear, rank: int, U: torch.Tensor | None = None) -> "LowRankLinear":
-        "The factorisation of `lin` at `rank` (as `LowRankConv2d.from_conv`)."
-        m = cls(lin, rank)
-        U = (_spectrum(lin.weight)[1] if U is None else U)[:, :rank]
-        with torch.no_grad():
-            m.reduce.weight.copy_((U.T @ lin.weight.detach().double()).float()); m.expand.weight.copy_(U.float())
-            if lin.bias is not None: m.expand.bias.copy_(lin.bias.detach())
-        return m
-
-    def forward(self, x): return self.expand(self.reduce(x))
-
-def _lowrank_kind(m: nn.Module) -> str | None:
-    "'conv' / 'linear' for layers that can be factorised (plain dense ones), else None."
-    if type(m) is nn.Conv2d and m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str): return "conv"
-    if type(m) is nn.Linear: return "linear"
-    return None
-
-# %% ../nbs/14_compress.ipynb #29ecbbfd
-def structure_recipe(model: nn.Module,  # the compressed fp32 model
-                     reference: nn.Module,  # the same architecture as built from the sidecar
-                    ) -> dict:
-    "The JSON that rebuilds `model` from `reference`: changed channel counts per module, then low-rank factors."
-    ref, reshape, lowrank = dict(reference.named_modules()), {}, {}
-    lr_names = [n for n, m in model.named_modules() if isinstance(m, (LowRankConv2d, LowRankLinear))]
-    for name, m in model.named_modules():
-        if name in lr_names:
-            lowrank[name] = int(m.reduce.out_features if isinstance(m, LowRankLinear) else m.reduce.out_channels)
-            continue
-        if any(name.startswith(n + ".") for n in lr_names) or name not in ref: continue
-        r = ref[name]
-        mine, theirs = _own_tensors(m), _own_tensors(r)
-        changed = {k: list(v.shape) for k, v in mine.items() if k in theirs and v.shape != theirs[k].shape}
-        if not changed: continue
-        attrs = _attrs_of(m)
-        if not attrs:
-            raise MatsegError(f"structure_recipe: module {name!r} ({type(m).__name__}) changed tensor shapes {changed} but "
-                              "matseg only rebuilds Conv/BatchNorm/Linear/GroupNorm; keep it out of pruning (ignored layers)")
-        reshape[name] = {"attrs": {a: int(getattr(m, a)) for a in attrs}, "shapes": changed}
-    return {"reshape": reshape, "lowrank": lowrank}
-
-def _bad(where: str, what: str) -> MatsegError:
-    return MatsegError(f"{where}: {what}; the compression recipe was edited or belongs to another model: re-run "
-                       "`matseg compress` on the original checkpoint")
-
-def apply_recipe(model: nn.Module,  # the architecture as built from the sidecar (weights are replaced afterwards)
-                 recipe: dict,  # from `structure_recipe` (JSON)
-                 where: str = "the recipe",  # its file (for messages)
-                ) -> nn.Module:
-    "Reshape modules and insert low-rank factors as `recipe` says (every entry checked); returns `model`."
-    if not isinstance(recipe, dict) or set(recipe) - {"reshape", "lowrank"}:
-        raise _bad(where, f"the structure must be a dict with 'reshape' and 'lowrank', not {str(recipe)[:80]}")
-    mods = dict(model.named_modules())
-    def posint(v, what):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1: raise _bad(where, f"{what} must be a positive integer, not {v!r}")
-        return v
-    for name, ent in (recipe.get("reshape") or {}).items():
-        m = mods.get(name)
-        if m is None: raise _bad(where, f"module {name!r} does not exist in the model")
-        if not isinstance(ent, dict) or set(ent) != {"attrs", "shapes"}: raise _bad(where, f"entry {name!r} must have attrs and shapes")
-        allowed, own = _attrs_of(m), _own_tensors(m)
-        for a, v in ent["attrs"].items():
-            if a not in allowed: raise _bad(where, f"{name}.{a} is not a channel attribute of {type(m).__name__} ({allowed})")
-            setattr(m, a, posint(v, f"{name}.{a}"))
-        for k, shp in ent["shapes"].items():
-            if k not in own: raise _bad(where, f"{name}.{k} is not a tensor of {type(m).__name__}")
-            if not isinstance(shp, list) or len(shp) != own[k].dim(): raise _bad(where, f"{name}.{k} shape {shp!r} has the wrong rank")
-            new = torch.empty([posint(s, f"{name}.{k} shape") for s in shp], dtype=own[k].dtype)
-            if isinstance(own[k], nn.Parameter): setattr(m, k, nn.Parameter(new, requires_grad=own[k].requires_grad))
-            else: m._buffers[k] = new
-    for name, rank in (recipe.get("lowrank") or {}).items():
-        m = dict(model.named_modules()).get(name)
-        kind = _lowrank_kind(m) if m is not None else None
-        if kind is None: raise _bad(where, f"module {name!r} is not a plain Conv2d/Linear that can be factorised")
-        full = min(m.weight.shape[0], m.weight[0].numel())
-        if posint(rank, f"rank of {name}") > full: raise _bad(where, f"rank {rank} of {name} exceeds its full rank {full}")
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child,
-                LowRankConv2d(m, rank) if kind == "conv" else LowRankLinear(m, rank))
-    return model
 
 # %% ../nbs/14_compress.ipynb #1432d724
 def head_modules(model: nn.Module) -> list[nn.Module]:
@@ -295,182 +151,6 @@ def lowrank_factorize(model: nn.Module,  # fp32 model (changed in place)
         layers[name] = r; kept.append(float(cum[r - 1]))
     return model, {"layers": layers, "factorised": len(layers), "skipped": skipped, "energy": energy, "max_cost": max_cost,
                    "fit_budget": fit_budget, "min_energy_kept": min(kept) if kept else None}
-
-# %% ../nbs/14_compress.ipynb #434e3702
-def _split_shared_activations(gm: torch.fx.GraphModule) -> None:
-    "Give every call of a re-used activation module (torchvision ResNet's one `relu`) its own source partition."
-    calls = Counter()
-    for n in gm.graph.nodes:
-        st = n.meta.get("nn_module_stack")
-        if n.op == "call_function" and st: calls[list(st.values())[-1][0]] += 1
-    for n in gm.graph.nodes:
-        st = n.meta.get("nn_module_stack")
-        if n.op != "call_function" or not st: continue
-        key = list(st)[-1]; fqn, cls = st[key]
-        name = cls if isinstance(cls, str) else getattr(cls, "__name__", "")
-        if calls[fqn] > 1 and any(a in str(name) for a in ("ReLU", "SiLU", "Hardswish", "GELU")):
-            st = dict(st); st[key] = (f"{fqn}@{n.name}", cls); n.meta["nn_module_stack"] = st
-
-def quantize_int8(model: nn.Module,  # fp32 model on the CPU (not changed)
-                  calibration: torch.Tensor,  # training crops (N, C, h, w), as the model sees them
-                  keep_head_fp32: bool = True,  # leave the segmentation head in fp32
-                  batch_size: int = 8,  # calibration crops per forward pass
-                 ) -> torch.fx.GraphModule:
-    "int8 post-training quantisation by PT2E: torch.export → prepare (X86InductorQuantizer) → calibrate → convert."
-    if calibration.ndim != 4 or len(calibration) < 1:
-        raise MatsegError(f"calibration must be a (N, C, h, w) batch of training crops, not shape {tuple(calibration.shape)}")
-    model = model.eval()
-    ex = calibration[:2] if len(calibration) > 1 else calibration.repeat(2, 1, 1, 1)
-    try:
-        gm = torch.export.export(model, (ex,), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},)).module()
-        _split_shared_activations(gm)
-        q = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
-        if keep_head_fp32: q.set_module_name_qconfig("segmentation_head", None)
-        prepared = prepare_pt2e(gm, q)
-        with torch.no_grad():
-            for i in range(0, len(calibration), batch_size): prepared(calibration[i:i + batch_size])
-        return convert_pt2e(prepared)
-    except MatsegError: raise
-    except Exception as e:
-        raise MatsegError(f"int8 quantisation (PT2E: torch.export + X86InductorQuantizer, torch {torch.__version__}) failed "
-                          f"for this model: {type(e).__name__}: {str(e)[:300]}; use --method prune or lowrank") from None
-
-def _probe_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    "Largest |a - b| relative to the largest |b|."
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-6))
-
-class Int8Segmenter(nn.Module):
-    "An int8 PT2E graph behind the smp call signature: model(x) -> logits; `.encoder` is the fp32 encoder (features)."
-    def __init__(self, graph: torch.fx.GraphModule,  # from `quantize_int8`
-                 float_model: nn.Module,  # the fp32 model it was made from (its encoder serves `encoder_features`)
-                 tile: int,  # the input side the graph was exported for
-                ):
-        super().__init__()
-        self.graph, self.tile, self.compiled = graph, int(tile), None
-        self.__dict__["float_model"] = float_model  # not a submodule: its weights are not the int8 model's
-        self.encoder = float_model.encoder  # also makes next(parameters()) name the device (the CPU)
-
-    def compile(self, example: torch.Tensor) -> "Int8Segmenter":
-        "Lower to fused int8 kernels with inductor (freezing on; the first call compiles, minutes on a small CPU)."
-        with torch._inductor.config.patch(freezing=True), torch.no_grad():
-            self.compiled = torch.compile(self.graph)
-            self.compiled(example)
-        return self
-
-    def train(self, mode: bool = True) -> "Int8Segmenter":
-        "The int8 graph has no train mode (exported programs refuse .train()); only the flag and the fp32 encoder follow."
-        self.training = bool(mode); self.encoder.train(mode)
-        return self
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.tile or x.shape[-2] != self.tile:
-            raise MatsegError(f"the int8 model was exported for {self.tile}x{self.tile} tiles, not {tuple(x.shape[-2:])}; "
-                              "predict with tiles of that side (TrainedJob.probs does)")
-        if x.device.type != "cpu":
-            raise MatsegError(f"the int8 model runs on the CPU only, not {x.device}; use --device cpu")
-        return (self.graph if self.compiled is None else self.compiled)(x.float())
-
-# %% ../nbs/14_compress.ipynb #913aacf2
-COMPRESSED_FORMAT = "matseg-compressed/1"
-CALIBRATION = "calibration.safetensors"
-PROBE_TOL = 1e-2  # max |rebuilt - saved| / max |saved| of the int8 probe output
-
-def _finite(tensors: dict, where: Path) -> None:
-    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-    if bad:
-        raise MatsegError(f"{where}: {len(bad)} tensors hold non-finite values (NaN/inf), e.g. {bad[:3]}; the compression "
-                          "diverged or the file is corrupt: re-run `matseg compress` (lower --lr)")
-
-def save_compressed(path,  # destination .safetensors (the JSON sidecar goes next to it)
-                    model: nn.Module,  # the compressed fp32 structure (for int8: the model that was quantised)
-                    meta: dict,  # the source checkpoint's sidecar
-                    compression: dict,  # method, structure recipe, steps, int8 settings, source, ...
-                    calibration: torch.Tensor | None = None,  # int8: the calibration crops
-                    probe: torch.Tensor | None = None,  # int8: the int8 output on calibration[:2]
-                   ) -> Path:
-    "Write weights (safetensors) + sidecar JSON (+ calibration crops for int8), atomically; no pickle anywhere."
-    path = Path(path)
-    if path.suffix != ".safetensors": raise MatsegError(f"compressed checkpoint path {path} must end in .safetensors")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().clone().contiguous() for k, v in getattr(model, "float_model", model).state_dict().items()}
-    _finite(tensors, path)
-    comp = dict(compression)
-    if comp.get("int8") is not None:
-        if calibration is None or probe is None: raise MatsegError("save_compressed: an int8 model needs its calibration crops and probe")
-        cal = {"x": calibration.detach().cpu().float().contiguous(), "probe": probe.detach().cpu().float().contiguous()}
-        _finite(cal, path.with_name(CALIBRATION))
-        with atomic_path(path.with_name(CALIBRATION)) as tmp: safetensors.torch.save_file(cal, str(tmp))
-        comp["int8"] = {**comp["int8"], "calibration": CALIBRATION, "calibration_sha256": sha256_file(path.with_name(CALIBRATION))}
-    with atomic_path(path) as tmp:
-        safetensors.torch.save_file(tensors, str(tmp), metadata={"format": "pt", "matseg": COMPRESSED_FORMAT})
-    keep = {k: v for k, v in meta.items() if k not in ("format", "tensors", "sha256", "versions", "compression")}
-    side = {"format": COMPRESSED_FORMAT, **keep, "compression": comp, "tensors": path.name, "sha256": sha256_file(path),
-            "versions": {"torch": torch.__version__, "torch_pruning": tp.__version__}}
-    try: atomic_write_json(path.with_suffix(".json"), side)
-    except TypeError as e: raise MatsegError(f"save_compressed: the sidecar is not JSON-serialisable ({e})") from None
-    return path
-
-def _compressed_paths(path) -> tuple[Path, Path]:
-    p = Path(path)
-    if p.is_dir(): p = p / "checkpoint.safetensors"
-    if p.suffix == ".json": p = p.with_suffix(".safetensors")
-    side = p.with_suffix(".json")
-    if not p.is_file() or not side.is_file():
-        raise MatsegError(f"{path} is not a compressed checkpoint: need {p.name} and {side.name} (written by `matseg compress`)")
-    return p, side
-
-def _check_kwargs(kw, decoder: str, side: Path) -> dict:
-    allowed = set(inspect.signature(DECODERS[decoder_key(decoder)].__init__).parameters) - {
-        "self", "encoder_name", "encoder_weights", "in_channels", "classes", "kwargs"}
-    if not isinstance(kw, dict) or set(kw) - allowed:
-        raise MatsegError(f"{side}: model_kwargs {kw!r} are not options of {decoder} ({', '.join(sorted(allowed))}); "
-                          "restore the sidecar written by `matseg compress`")
-    return kw
-
-def load_compressed(path,  # compressed checkpoint .safetensors / .json, or its folder
-                    device: str = "cpu",  # fp32 structures: any device; int8: the CPU only
-                    compile: bool = False,  # int8: lower to fused int8 kernels with inductor (slow first call)
-                   ) -> tuple[nn.Module, dict]:
-    "Rebuild a compressed model (no unpickling): architecture from the sidecar, recipe, safetensors, int8 re-calibrated."
-    p, side = _compressed_paths(path)
-    meta = read_json(side, "re-run `matseg compress`")
-    if meta.get("format") != COMPRESSED_FORMAT or not isinstance(meta.get("compression"), dict):
-        raise MatsegError(f"{side} is not a {COMPRESSED_FORMAT} sidecar (format {meta.get('format')!r}); load ordinary "
-                          "checkpoints with matseg.models.load_checkpoint")
-    missing = [k for k in ("encoder", "decoder", "in_channels", "classes") if k not in meta]
-    if missing: raise MatsegError(f"{side} lacks {', '.join(missing)}; re-run `matseg compress`")
-    if meta.get("sha256") != sha256_file(p):
-        raise MatsegError(f"{side} describes other tensors than {p.name} (sha256 differs): the file was changed or the two "
-                          "come from different runs; re-run `matseg compress`")
-    try: tensors = safetensors.torch.load_file(str(p), device="cpu")
-    except Exception as e: raise MatsegError(f"{p} is not a readable safetensors file ({str(e)[:200]}); re-copy it") from None
-    _finite(tensors, p)
-    comp = meta["compression"]
-    model = build_model(meta["encoder"], meta["decoder"], meta["in_channels"], meta["classes"], weights="none",
-                        **_check_kwargs(meta.get("model_kwargs", {}), meta["decoder"], side))
-    apply_recipe(model, comp.get("structure") or {}, where=str(side))
-    want = model.state_dict()
-    bad = sorted(set(want) ^ set(tensors)) + [k for k in want if k in tensors and want[k].shape != tensors[k].shape]
-    if bad: raise _bad(str(side), f"{len(bad)} tensors do not fit the rebuilt structure (e.g. {bad[:3]})")
-    model.load_state_dict(tensors, strict=True); model.eval()
-    model.matseg_meta = meta
-    if comp.get("int8") is None: return model.to(device), meta
-    if torch.device(device).type != "cpu":
-        raise MatsegError(f"{side}: an int8 model runs on the CPU only, not {device}; pass --device cpu")
-    i8 = comp["int8"]; cp = p.with_name(i8.get("calibration", CALIBRATION))
-    if not cp.is_file() or sha256_file(cp) != i8.get("calibration_sha256"):
-        raise MatsegError(f"{cp} is missing or differs from the one {side.name} records (sha256); re-run `matseg compress`")
-    cal = safetensors.torch.load_file(str(cp)); _finite(cal, cp)
-    q = Int8Segmenter(quantize_int8(model, cal["x"], keep_head_fp32=bool(i8.get("keep_head_fp32", True))), model,
-                      int(cal["x"].shape[-1]))
-    with torch.no_grad(): err = _probe_err(q(cal["x"][:2]), cal["probe"])
-    if not err <= PROBE_TOL:
-        raise MatsegError(f"{p}: the int8 model rebuilt from its calibration differs from the saved one (max relative "
-                          f"difference {err:.2g} > {PROBE_TOL}); torch/torchao versions changed since it was made "
-                          f"({meta.get('versions')}): re-run `matseg compress` here")
-    if compile: q.compile(cal["x"][:1])
-    q.matseg_meta = meta
-    return q, meta
 
 # %% ../nbs/14_compress.ipynb #d9686960
 def finetune(model: nn.Module,  # the compressed fp32 model (trained in place)

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from matseg.core import MatsegError, atomic_write_json
-from matseg.compress import (CALIBRATION, Int8Segmenter, cli_compress, load_compressed, prune_channels, quantize_int8,
+from matseg.compress import cli_compress, prune_channels
+from matseg.compressed import (CALIBRATION, Int8Segmenter, load_compressed, quantize_int8,
                              save_compressed, structure_recipe)
 from matseg.models import build_model, sha256_file
 from matseg.runs import TrainedJob
