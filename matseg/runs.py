@@ -29,7 +29,8 @@ from scipy import stats
 from tqdm.auto import tqdm
 
 from .cost import COST_COLUMNS, cost_columns, cost_table, iou_latency_chart, model_cost
-from .core import MatsegError, atomic_path, atomic_write_json, atomic_write_text, resolve_device
+from .compressed import COMPRESSED_FORMAT, load_compressed
+from .core import MatsegError, atomic_path, atomic_write_json, atomic_write_text, read_json, resolve_device
 from .data import load_dataset, normalize, pair_files, read_image
 from .metrics import AGGREGATION, count_parameters, time_inference
 from .models import (LITE0, cached_hub_file, efficientnet_lite0_file, encoder_features, input_stats, load_checkpoint,
@@ -469,9 +470,15 @@ class TrainedJob:
              profile=None,  # Profile or path (None: the run folder's)
              device: str = "auto",  # "auto", "cpu", "cuda", ...
             ) -> "TrainedJob":
-        "Load a job's checkpoint (refusing non-finite weights) with its pipeline."
+        "Load a job's checkpoint (refusing non-finite weights) with its pipeline; a `matseg compress` checkpoint opens as its compressed model."
         jdir, ck = find_checkpoint(path)
-        model, meta = load_checkpoint(ck, device=str(resolve_device(device)))
+        side = ck.with_suffix(".json")
+        meta = read_json(side, "restore it from the run folder") if side.is_file() else {}
+        if meta.get("format") == COMPRESSED_FORMAT:  # the parent job's sidecar (pipeline, dataset, profile) + the recipe
+            int8 = (meta.get("compression") or {}).get("int8") is not None  # int8 runs on the CPU: "auto" means the CPU
+            model, meta = load_compressed(ck, device="cpu" if int8 and device == "auto" else str(resolve_device(device)))
+        else:
+            model, meta = load_checkpoint(ck, device=str(resolve_device(device)))
         tj = cls(model, meta, checkpoint=ck, profile=profile)
         tj.job_dir = jdir
         return tj
