@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import threading
+import time
 import traceback
 from html import escape
 from pathlib import Path
@@ -18,22 +19,28 @@ from pathlib import Path
 import ipywidgets as W
 import numpy as np
 import plotly.graph_objects as go
+import torch
+import xarray as xr
 from plotly.subplots import make_subplots
 
 from .core import MatsegError, atomic_write_bytes, resolve_device
 from .data import read_image
 from .explain import KERNELS, counterfactual_heatmap, upsample
 from .cluster import grid_events
+from .models import model_head
 from .runs import RunLock, TrainedJob, prepare_grid, train_job
 from .profile import (ProfileError, check_paths, compile_profile, load_profile, parse_profile, profile_to_dict,
                             save_profile, valid_decoders, valid_encoders)
+from .train import uncertainty_default
+from .uncertainty import image_uncertainty, map_names, map_range, plotly_colorscale
 
 # %% auto #0
-__all__ = ['default_builder_state', 'builder_state_to_profile_dict', 'profile_to_builder_state', 'validate_dict', 'errors_html',
-           'jobs_html', 'class_colors', 'mask_colorscale', 'image_mask_figure', 'sample_figure', 'ProfileBuilder',
-           'history_figure', 'add_history_row', 'TrainLauncher', 'threshold_readouts', 'readouts_html', 'thumbnail_png',
-           'score_figure', 'OODViewer', 'selection_to_region', 'points_to_region', 'predict_mask',
-           'CounterfactualExplorer', 'figure_to_png']
+__all__ = ['UNCERTAINTY_HOWTO', 'default_builder_state', 'builder_state_to_profile_dict', 'profile_to_builder_state',
+           'validate_dict', 'errors_html', 'jobs_html', 'class_colors', 'mask_colorscale', 'image_mask_figure',
+           'sample_figure', 'ProfileBuilder', 'history_figure', 'add_history_row', 'TrainLauncher',
+           'threshold_readouts', 'readouts_html', 'thumbnail_png', 'score_figure', 'OODViewer', 'selection_to_region',
+           'points_to_region', 'predict_mask', 'uncertainty_options', 'uncertainty_layer', 'CounterfactualExplorer',
+           'figure_to_png']
 
 # %% ../nbs/10_widgets.ipynb #39426ffa
 def default_builder_state() -> dict:
@@ -681,7 +688,6 @@ def predict_mask(model,  # segmentation model: (N, C, H, W) -> (N, K, H, W) logi
                  image,  # (C, H, W) image, normalised as the model expects
                 ) -> np.ndarray:
     "Predicted class mask (H, W) of one image (argmax of the logits; one output channel: > 0)."
-    import torch
     x = torch.as_tensor(np.asarray(image, np.float32))[None]
     dev = next(iter(model.parameters()), torch.empty(0)).device
     was = model.training; model.eval()
@@ -690,6 +696,32 @@ def predict_mask(model,  # segmentation model: (N, C, H, W) -> (N, K, H, W) logi
     finally: model.train(was)
     return (z.argmax(0) if z.shape[0] > 1 else (z[0] > 0).long()).numpy().astype(np.uint8)
 
+UNCERTAINTY_HOWTO = ("train the job with MC dropout (matseg bench PROFILE --set training.dropout=0.2) or an evidential head "
+                     "(--set training.head=evidential)")
+
+def uncertainty_options(job,  # a `matseg.runs.TrainedJob`, or None (an explorer over a bare model)
+                       ) -> tuple:
+    "`(method, {map: label}, tooltip)` of the explorer's uncertainty control; method None: the control is disabled, the tooltip says why."
+    if job is None:
+        return None, {}, ("no trained job: open the explorer with CounterfactualExplorer.from_job(JOB_DIR, image) "
+                          f"on a job with uncertainty; {UNCERTAINTY_HOWTO}")
+    h = model_head(job.model)
+    if h["kind"] != "evidential" and not h["dropout"] > 0:
+        return None, {}, f"this job has no uncertainty map (softmax head, training.dropout = 0): {UNCERTAINTY_HOWTO}"
+    method = uncertainty_default(job.model)
+    what = "MC dropout" if method == "mc" else "evidential head"
+    return method, map_names(method, job.classes), f"overlay an uncertainty map of this image ({what}; computed once, then cached)"
+
+def uncertainty_layer(ds: xr.Dataset,  # the maps of the image (`matseg.uncertainty.image_uncertainty`)
+                      name: str,  # one of its variables (a key of `uncertainty_options`'s maps)
+                     ) -> dict:
+    "What the explorer's uncertainty trace shows for a map: z (H, W) float32, zmin, zmax (`map_range`, else the map's maximum), title."
+    if name not in ds: raise MatsegError(f"uncertainty map {name!r} is not among this image's maps ({', '.join(ds.data_vars)})")
+    z = np.asarray(ds[name].values, np.float32)
+    top = map_range(name, sum(str(v).startswith("mean_prob_") for v in ds.data_vars))  # K: one mean probability per class
+    if top is None: top = float(np.nanmax(z)) if np.isfinite(z).any() and float(np.nanmax(z)) > 0 else 1.0
+    return dict(z=z, zmin=0.0, zmax=float(top), title=name.replace("_", " "))
+
 def _secs(attrs: dict) -> str: return f" in {attrs['seconds']:.2f}s" if "seconds" in attrs else ""
 
 class CounterfactualExplorer:
@@ -697,12 +729,13 @@ class CounterfactualExplorer:
     @classmethod
     def from_job(cls, job,  # a `matseg.runs.TrainedJob` or its job folder / checkpoint
                  image,  # raw image: file path or native (C, H, W) array
-                 **kwargs,  # kernel, patch, stride
+                 **kwargs,  # kernel, patch, stride, samples, seed
                 ) -> "CounterfactualExplorer":
         "An explorer over a trained job and a raw image: the model sees exactly what training made of it."
         tj = job if isinstance(job, TrainedJob) else TrainedJob.open(job, device="cpu")
         raw = read_image(image) if isinstance(image, (str, Path)) else np.asarray(image)
-        return cls(tj.model, tj.prepare(raw).numpy(), classes=tj.classes, display_image=tj.pipeline.normalize(raw), **kwargs)
+        return cls(tj.model, tj.prepare(raw).numpy(), classes=tj.classes, display_image=tj.pipeline.normalize(raw), job=tj,
+                   **kwargs)
 
     def __init__(self, model,  # segmentation model
                  image,  # (C, H, W) image, normalised as the model expects
@@ -711,6 +744,9 @@ class CounterfactualExplorer:
                  patch: int = 16,  # perturbed square side
                  stride: int = 8,  # kernel grid step
                  display_image=None,  # (H, W) or (C, H, W) image to show (default: `image`)
+                 job: TrainedJob | None = None,  # the trained job of `model` (uncertainty overlay; set by `from_job`)
+                 samples: int = 20,  # MC-dropout passes of the uncertainty maps
+                 seed: int | None = 0,  # seed of the MC-dropout masks (reproducible maps); None: unseeded
                 ):
         self.model, self.image = model, np.asarray(image, np.float32)
         H, W_ = self.shape = self.image.shape[-2:]
@@ -718,6 +754,8 @@ class CounterfactualExplorer:
         K = int(max(self.pred.max() + 1, len(classes or [])))
         self.classes = list(classes) if classes else [f"class {i}" for i in range(K)]
         self.region, self.heatmap = None, None
+        self.job, self.samples, self.seed, self.uncertainty = job, samples, seed, None  # uncertainty: the cached maps
+        self.uncertainty_method, self.uncertainty_maps, tip = uncertainty_options(job)
         show = np.asarray(self.image if display_image is None else display_image, np.float32)
         show = show.mean(0) if show.ndim == 3 else show
         cols = class_colors(self.classes)
@@ -733,6 +771,8 @@ class CounterfactualExplorer:
         gy, gx = np.mgrid[step // 2:H:step, step // 2:W_:step]
         fig.add_trace(go.Scatter(x=gx.ravel(), y=gy.ravel(), mode="markers", marker=dict(opacity=0, size=4), name="select",
                                  hoverinfo="skip", showlegend=False))
+        fig.add_trace(go.Heatmap(z=np.full((H, W_), np.nan), colorscale=plotly_colorscale(), opacity=0.6, name="uncertainty",
+                                 visible=False, hoverinfo="skip", colorbar=dict(title="uncertainty", x=1.16)))
         fig.update_yaxes(autorange="reversed", scaleanchor="x", constrain="domain"); fig.update_xaxes(constrain="domain")
         # no hover events: FigureWidget sends every hover to the kernel on the same trait as selections, and a hover
         # right after the mouse-up can overwrite the selection before a busy kernel reads it (the box is then lost)
@@ -751,10 +791,15 @@ class CounterfactualExplorer:
         self.stride = W.IntSlider(min=1, max=lim, value=min(stride, lim), description="stride")
         self.compute_button = W.Button(description="Compute heatmap", icon="fire", button_style="primary")
         self.status = W.HTML("mark region A, then compute")
+        self.uncertainty_control = W.Dropdown(options=[("none", None)] + [(v, k) for k, v in self.uncertainty_maps.items()],
+                                              value=None, description="uncertainty", disabled=self.uncertainty_method is None,
+                                              tooltip=tip)
+        self.uncertainty_control.observe(lambda ch: self._guard(lambda: self.show_uncertainty(ch["new"])), "value")
         self.box_button.on_click(lambda _: self._guard(self.use_box))
         self.mode.observe(lambda ch: self._guard(lambda: self.use_class(ch["new"])) if ch["new"] is not None else None, "value")
         self.compute_button.on_click(lambda _: self._guard(self.compute))
-        self.widget = W.VBox([W.HBox([self.mode, self.kernel]), W.HBox([self.box_x, self.box_y, self.box_button]),
+        self.widget = W.VBox([W.HBox([self.mode, self.kernel, self.uncertainty_control]),
+                              W.HBox([self.box_x, self.box_y, self.box_button]),
                               W.HBox([self.patch, self.stride, self.compute_button]), self.status, self.figure])
 
     def _ipython_display_(self):
@@ -796,6 +841,36 @@ class CounterfactualExplorer:
         m = self.pred == k
         if not m.any(): raise MatsegError(f"class {self.classes[k]!r} is predicted nowhere in this image; pick another class or draw a box")
         return self.set_region(m, f"predicted {self.classes[k]}")
+
+    def uncertainty_dataset(self) -> xr.Dataset:
+        "The uncertainty maps of the image (`matseg.uncertainty.image_uncertainty`), computed on first use and cached."
+        if self.uncertainty_method is None: raise MatsegError(uncertainty_options(self.job)[2])
+        if self.uncertainty is None:
+            self.status.value = "computing the uncertainty maps ..."
+            t0 = time.perf_counter()
+            self.uncertainty = image_uncertainty(self.job, torch.from_numpy(self.image), self.uncertainty_method,
+                                                 self.samples, seed=self.seed)
+            self.uncertainty.attrs["seconds"] = time.perf_counter() - t0
+        return self.uncertainty
+
+    def show_uncertainty(self, name: str | None):
+        "Overlay the uncertainty map `name` (a variable of the maps) with its own colour bar; None hides it."
+        tr = self.figure.data[5]
+        if name is None:
+            tr.visible = False
+            self.status.value = "uncertainty overlay off"
+            return None
+        ds = self.uncertainty_dataset()
+        layer = uncertainty_layer(ds, name)
+        with self.figure.batch_update():
+            tr.z, tr.zmin, tr.zmax = layer["z"], layer["zmin"], layer["zmax"]
+            tr.colorbar.title.text = layer["title"]; tr.visible = True
+        a = ds.attrs
+        self.status.value = (f"<span class='matseg-uncertainty'>{escape(self.uncertainty_maps.get(name, name))}: mean "
+                             f"{float(np.mean(layer['z'])):.4g}, max {float(np.max(layer['z'])):.4g} "
+                             f"({escape(str(a.get('method')))}, T = {a.get('samples')}{_secs(a)}; "
+                             f"colour scale 0..{layer['zmax']:.3g})</span>")
+        return layer
 
     def compute(self):
         "Compute the heatmap for region A with the chosen kernel/patch/stride and overlay it."

@@ -237,3 +237,75 @@ def test_train_launcher_on_a_cluster(tmp_path):
     assert all(tl.job_status[j] == "done" for j in ids) and all(j in tl.jobs_html.value for j in ids)
     assert all((tmp_path / "run" / "toy" / j / "result.json").exists() for j in ids)
     assert "done: 2 job(s)" in tl.status.value
+
+
+def _checkpoint(tmp_path, name, **head):
+    "A tiny random-weight job folder (resnet18-UNet, 3 classes) with the given head options."
+    from matseg.models import build_model, save_checkpoint
+    torch.manual_seed(0)
+    model = build_model("resnet18", "unet", in_channels=1, classes=3, **head).eval()
+    save_checkpoint(tmp_path / name / "checkpoint.safetensors", model,
+                    {"class_names": ["matrix", "disc", "band"], "normalization": {"kind": "minmax"}, "crop_size": 64,
+                     "tile_overlap": 16})
+    return tmp_path / name
+
+
+RAW = (np.random.default_rng(5).random((1, 48, 40)) * 4000).astype(np.uint16)
+
+
+def test_explorer_overlays_mc_uncertainty(tmp_path, monkeypatch):
+    import matseg.widgets as widgets
+    from matseg.runs import TrainedJob
+    torch.set_num_threads(1)
+    jd = _checkpoint(tmp_path, "mc", dropout=0.3)
+    calls = []
+    real = widgets.image_uncertainty
+    monkeypatch.setattr(widgets, "image_uncertainty", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ce = CounterfactualExplorer.from_job(jd, RAW, samples=5, seed=7)
+    ctl = ce.uncertainty_control
+    assert not ctl.disabled and "MC dropout" in ctl.tooltip and calls == []  # nothing computed before a map is chosen
+    assert [v for _, v in ctl.options] == [None, "entropy", "mutual_information", "variance_matrix", "variance_disc",
+                                           "variance_band", "mean_prob_matrix", "mean_prob_disc", "mean_prob_band"]
+    assert dict(ctl.options)["variance: disc"] == "variance_disc"
+    tj = TrainedJob.open(jd, device="cpu")  # independent: the job's own uncertainty call under the same seed
+    torch.manual_seed(7); ref = tj.uncertainty(tj.prepare(RAW), method="mc", samples=5)
+    assert float(ref["mutual_information"].max()) > 0  # the passes differ, so equality below is not trivial
+    tr = ce.figure.data[5]
+    for name, expect, top in (("mutual_information", ref["mutual_information"], None), ("variance_band", ref["variance"][2], None),
+                              ("entropy", ref["entropy"], np.log(3)), ("mean_prob_disc", ref["mean_prob"][1], 1.0)):
+        ctl.value = name
+        z = np.asarray(tr.z, np.float32)
+        assert tr.visible and z.shape == (48, 40) and np.array_equal(z, expect.numpy()), name
+        assert tr.zmin == 0 and np.isclose(tr.zmax, top if top is not None else float(expect.max())), (name, tr.zmax)
+        assert tr.colorbar.title.text == name.replace("_", " ") and "colour scale" in ce.status.value
+    assert calls == [1]  # computed once, cached for every map
+    assert tr.colorbar.x != ce.figure.data[2].colorbar.x  # its own colour bar beside the influence map's
+    ctl.value = None
+    assert not tr.visible
+
+
+def test_explorer_overlays_evidential_vacuity(tmp_path):
+    from matseg.runs import TrainedJob
+    torch.set_num_threads(1)
+    jd = _checkpoint(tmp_path, "ev", head="evidential")
+    ce = CounterfactualExplorer.from_job(jd, RAW)
+    opts = [v for _, v in ce.uncertainty_control.options]
+    assert opts[:3] == [None, "entropy", "vacuity"] and "mutual_information" not in opts and not any("variance" in o for o in opts[1:])
+    ce.uncertainty_control.value = "vacuity"
+    tj = TrainedJob.open(jd, device="cpu")
+    ref = tj.uncertainty(tj.prepare(RAW), method="evidential")["vacuity"].numpy()
+    assert np.array_equal(np.asarray(ce.figure.data[5].z, np.float32), ref) and ce.figure.data[5].zmax == 1.0
+    assert 0 < ref.min() and ref.max() <= 1 and "evidential" in ce.status.value
+
+
+def test_explorer_uncertainty_disabled_says_how_to_train(tmp_path):
+    jd = _checkpoint(tmp_path, "plain")
+    ce = CounterfactualExplorer.from_job(jd, RAW)
+    ctl = ce.uncertainty_control
+    assert ctl.disabled and ctl.options == (("none", None),) and ctl.value is None
+    assert "--set training.dropout=0.2" in ctl.tooltip and "training.head=evidential" in ctl.tooltip
+    with pytest.raises(MatsegError, match="training.dropout=0.2"): ce.uncertainty_dataset()
+    with pytest.raises(MatsegError, match="training.head=evidential"): ce.show_uncertainty("entropy")  # called directly
+    assert not ce.figure.data[5].visible and ce.uncertainty is None
+    bare = CounterfactualExplorer(_Copy(), np.zeros((3, 16, 16), np.float32), ["a", "b", "c"])  # no job at all
+    assert bare.uncertainty_control.disabled and "from_job" in bare.uncertainty_control.tooltip
