@@ -41,6 +41,7 @@ requirements = [
     "dask>=2024.1",  # --cluster: the job grid on Dask distributed
     "distributed>=2024.1",
     "dask-jobqueue>=0.8",  # SLURM/PBS/LSF clusters
+    "bokeh>=3.1",  # the Dask dashboard (distributed serves none without it)
     "torch-pruning>=1.6,<2",  # matseg compress: structured channel pruning
     "torchao>=0.18",  # matseg compress: int8 PT2E quantisation (torch 2.14 has no torch.ao quantize_pt2e)
 ]

@@ -33,8 +33,8 @@ from .train import prepare_data
 
 # %% auto #0
 __all__ = ['CLUSTER_KINDS', 'JOBQUEUE', 'YAML_KEYS', 'FAULTS_ENV', 'FAULT_MODES', 'FAILURE', 'parse_cluster', 'visible_gpus',
-           'local_cluster', 'jobqueue_cluster', 'cluster_client', 'cluster_summary', 'cluster_job', 'grid_events',
-           'run_grid']
+           'gpu_worker_specs', 'local_cluster', 'dashboard_link', 'jobqueue_cluster', 'cluster_client',
+           'cluster_summary', 'cluster_job', 'grid_events', 'run_grid']
 
 # %% ../nbs/06b_cluster.ipynb #c902fa0c
 CLUSTER_KINDS = ("local", "local:N", "tcp://HOST:PORT", "tls://HOST:PORT", "slurm", "pbs", "lsf", "sge", "FILE.yaml")
@@ -85,20 +85,30 @@ def visible_gpus() -> list[str]:
     ids = [s.strip() for s in env.split(",") if s.strip()] if env else [str(i) for i in range(n)]
     return ids[:n]
 
+def gpu_worker_specs(gpus: list[str],  # CUDA device ids (`visible_gpus`), one worker each
+                    ) -> dict:
+    "`SpecCluster` worker specs: one single-threaded Nanny per GPU, named gpu<ID>, that sees only its GPU and holds resource GPU=1."
+    return {f"gpu{g}": {"cls": Nanny, "options": {"nthreads": 1, "resources": {"GPU": 1},
+                                                   "env": {"CUDA_VISIBLE_DEVICES": str(g)}}} for g in gpus}
+
 def local_cluster(workers: int | None = None,  # CPU: number of workers (default: CPU cores); GPU: at most this many GPUs
                   device: str = "auto",  # "cpu" forces CPU workers even with GPUs
-                  dashboard_address: str = ":0",  # ":0" picks a free port (printed); None: no dashboard
+                  dashboard_address: str | None = "127.0.0.1:0",  # a free port on this host only (printed); None: no dashboard
                  ):
     "A cluster on this machine: one single-threaded worker per GPU (CUDA_VISIBLE_DEVICES=its GPU, resource GPU=1), else `workers` single-threaded CPU workers."
     gpus = visible_gpus() if resolve_device(device).type == "cuda" else []
     if gpus:
         gpus = gpus[:workers] if workers else gpus
-        spec = {f"gpu{g}": {"cls": Nanny, "options": {"nthreads": 1, "resources": {"GPU": 1},
-                                                       "env": {"CUDA_VISIBLE_DEVICES": g}}} for g in gpus}
-        return SpecCluster(workers=spec, scheduler={"cls": Scheduler, "options": {"dashboard_address": dashboard_address}},
+        sched = {"host": "127.0.0.1", "dashboard_address": dashboard_address}  # this machine's workers only
+        return SpecCluster(workers=gpu_worker_specs(gpus), scheduler={"cls": Scheduler, "options": sched},
                            name="matseg-local-gpu")
     n = workers or len(os.sched_getaffinity(0))
     return LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=dashboard_address)
+
+def dashboard_link(client: Client) -> str:
+    "The dashboard address of a client's scheduler, or 'none' and why."
+    if find_spec("bokeh") is None: return "none (it needs bokeh: pip install 'bokeh>=3.1')"
+    return client.dashboard_link or "none (the scheduler serves no dashboard)"
 
 def jobqueue_cluster(cfg: dict,  # from `parse_cluster` (kind 'jobqueue')
                      scale: bool = True,  # submit cfg['jobs'] batch jobs now (False: only build it, e.g. to read job_script())
@@ -136,8 +146,7 @@ def cluster_client(spec: str,  # local[:N], tcp://HOST:PORT, slurm|pbs|lsf|sge o
                 raise MatsegError(f"--cluster {spec}: no Dask scheduler answered ({e}); start one (dask scheduler) "
                                   "and workers (dask worker ADDRESS --nthreads 1 [--resources GPU=1]), or use local:N") from None
             with client:
-                dash = client.dashboard_link if find_spec("bokeh") else "none (it needs bokeh: pip install 'bokeh>=3.1')"
-                print(f"dask: {cluster_summary(client)}; dashboard {dash}", flush=True)
+                print(f"dask: {cluster_summary(client)}; dashboard {dashboard_link(client)}", flush=True)
                 yield client
         finally:
             if cluster is not None: cluster.close()
