@@ -107,8 +107,11 @@ def local_cluster(workers: int | None = None,  # CPU: number of workers (default
 
 def dashboard_link(client: Client) -> str:
     "The dashboard address of a client's scheduler, or 'none' and why."
-    if find_spec("bokeh") is None: return "none (it needs bokeh: pip install 'bokeh>=3.1')"
-    return client.dashboard_link or "none (the scheduler serves no dashboard)"
+    if getattr(client, "cluster", None) is not None and find_spec("bokeh") is None:  # a scheduler started here
+        return "none (it needs bokeh: pip install 'bokeh>=3.1')"
+    try: link = client.dashboard_link
+    except (KeyError, AttributeError): link = None  # a remote scheduler without one
+    return link or "none (the scheduler serves no dashboard)"
 
 def jobqueue_cluster(cfg: dict,  # from `parse_cluster` (kind 'jobqueue')
                      scale: bool = True,  # submit cfg['jobs'] batch jobs now (False: only build it, e.g. to read job_script())
