@@ -35,9 +35,10 @@ from .uncertainty import reliability_figure
 from .runs import CHECKPOINT, PROFILES, RESULT, Run, RunLock, TrainedJob, find_checkpoint, find_profile
 
 # %% auto #0
-__all__ = ['REPORT_FORMAT', 'png_bytes', 'data_uri', 'display_image', 'image_scores', 'default_region', 'heatmap_window',
-           'qc_signals', 'explain_image', 'profile_excerpt', 'uncertainty_record', 'build_report', 'render_html',
-           'external_refs', 'best_jobs', 'report_best_jobs', 'cli_report']
+__all__ = ['REPORT_FORMAT', 'TRADEOFF_COLUMNS', 'png_bytes', 'data_uri', 'display_image', 'image_scores', 'default_region',
+           'heatmap_window', 'qc_signals', 'explain_image', 'profile_excerpt', 'compression_record',
+           'uncertainty_record', 'build_report', 'render_html', 'external_refs', 'best_jobs', 'report_best_jobs',
+           'cli_report']
 
 # %% ../nbs/09_report.ipynb #85599443
 REPORT_FORMAT = "matseg-report/2"
@@ -204,6 +205,28 @@ def profile_excerpt(profile,  # Profile
                         ("name", "modality", "material", "metadata", "classes", "channels", "normalization")},
             "model": profile.model.model_dump(mode="json"), "training": profile.training.model_dump(mode="json")}
 
+# %% ../nbs/09_report.ipynb #3d22b7c5
+TRADEOFF_COLUMNS = ("method", "test_miou", "miou_drop", "ms_per_image", "speedup", "threads", "params", "gflops", "file_mb",
+                    "weight_mb", "note")  # tradeoff.csv of `matseg compress`
+
+def compression_record(job_dir: Path,  # the reported job's folder OUT/<dataset>/<job_id>[__<method>]
+                       checkpoint: Path,  # its checkpoint
+                       meta: dict,  # its sidecar
+                      ) -> dict | None:
+    "The trade-off table `matseg compress` wrote into this job's folder (OUT/tradeoff.csv + compress.json), or None."
+    out = Path(job_dir).parent.parent
+    info = _read_json(out / "compress.json")
+    if info is None or not (out / "tradeoff.csv").is_file(): return None
+    src = Path(info.get("checkpoint") or "")
+    comp = meta.get("compression") or {}
+    mine = Path(job_dir).name in {Path(d).name for d in (info.get("dirs") or {}).values()} and comp.get("method")
+    same_source = (src.name == Path(checkpoint).name and src.parent.name == Path(job_dir).name)
+    if not mine and not same_source: return None
+    df = pd.read_csv(out / "tradeoff.csv")
+    rows = [{c: r.get(c) for c in TRADEOFF_COLUMNS} for r in df.to_dict("records")]
+    return {"file": str(out / "tradeoff.csv"), "source": info.get("checkpoint"), "this": comp.get("method") or "baseline",
+            "tile": info.get("tile"), "threads": info.get("threads"), "rows": rows}
+
 # %% ../nbs/09_report.ipynb #f2fc193b
 def _json_safe(o):
     "Replace NaN/inf floats by None (strict JSON) recursively."
@@ -297,6 +320,7 @@ def build_report(job,  # job folder OUT/<dataset>/<job_id> or its checkpoint.saf
               "history": _history(jdir / "history.csv"), "masks": Z, "qc": Q, "heatmaps": H,
               "uncertainty": uncertainty_record(res), "cost": None if res is None else res.get("cost"),
               "defects": None if res is None else ((res.get("metrics") or {}).get("test") or {}).get("defects"),
+              "compression": compression_record(jdir, ck, meta),
               "files": {"json": "report.json", "html": "report.html", "images": sorted(pngs)}}
     report["seconds"] = round((datetime.datetime.now(datetime.timezone.utc) - t0).total_seconds(), 2)
     report = _json_safe(report)
@@ -479,6 +503,10 @@ def render_html(rep: dict,  # the report record (as written to report.json)
                                                                       ("after temperature", (rep.get("uncertainty") or {}).get("calibration", {}).get("test_temperature"))) if v}),
                                "fig-reliability")) if (rep.get("uncertainty") or {}).get("calibration", {}).get("test") else None,
         cost_rows=[(k, v) for k, v in (rep.get("cost") or {}).items() if not isinstance(v, (dict, list))],
+        C=rep.get("compression"),
+        c_rows=[(("▶ " if r["method"] == rep["compression"]["this"] else "") + str(r["method"]), r.get("test_miou"),
+                 r.get("miou_drop"), r.get("ms_per_image"), r.get("speedup"), r.get("threads"), r.get("params"),
+                 r.get("gflops"), r.get("file_mb"), r.get("note")) for r in (rep.get("compression") or {}).get("rows") or []],
         defect_rows=[(c, t, s.get("tp"), s.get("fp"), s.get("fn"), s.get("precision"), s.get("recall"), s.get("f1"), s.get("pq"))
                      for c, by in (rep.get("defects") or {}).items() for t, s in by.items()],
         h_rows=[(it["name"], it.get("region", it.get("error")), it.get("region_pixels"),
