@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -19,15 +20,18 @@ from plotly.subplots import make_subplots
 from scipy import stats
 
 from . import runs
-from .benchmark import bench_profile, run_bench
+from .benchmark import bench_profile, evaluate_checkpoint, run_bench
+from .compress import METHODS, compress
 from .core import MatsegError, atomic_path, atomic_write_json, atomic_write_text, check_out_dir, cli_parser
 from .profile import apply_overrides
-from .runs import METRICS, RunLock, collect_results, markdown_table, results_frame
+from .models import sha256_file
+from .runs import CHECKPOINT, METRICS, RESULT, RunLock, TrainedJob, collect_results, markdown_table, results_frame
 
 # %% auto #0
-__all__ = ['VARIANTS', 'BASELINE_LIVE', 'WIRED', 'ALPHA', 'MIN_WILCOXON', 'VARIANTS_DIR', 'Variant', 'train_job_source',
-           'feature_live', 'variant_slug', 'get_variant', 'plan_variants', 'paired_delta', 'noise_floor',
-           'ablation_dataset', 'ablation_table', 'ablation_figure', 'write_ablation', 'run_ablation', 'cli_ablate']
+__all__ = ['VARIANTS', 'BASELINE_LIVE', 'WIRED', 'ALPHA', 'MIN_WILCOXON', 'COMPRESSION_METHOD', 'VARIANTS_DIR', 'Variant',
+           'train_job_source', 'feature_live', 'variant_slug', 'get_variant', 'plan_variants', 'paired_delta',
+           'noise_floor', 'ablation_dataset', 'ablation_table', 'ablation_figure', 'compressed_results',
+           'write_ablation', 'run_ablation', 'cli_ablate']
 
 # %% ../nbs/15_ablate.ipynb #9f19b240
 @dataclass(frozen=True)
@@ -45,7 +49,8 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("-uncertainty", ("training.uncertainty_loss=false", "training.dropout=0", "training.head=softmax"),
             "no uncertainty-aware loss, no dropout, plain softmax head",
             ("training.uncertainty_loss", "training.dropout", "training.head")),
-    Variant("-compression", (), "evaluate the uncompressed model instead of the compressed one", ("compression",)),
+    Variant("-compression", (), "full's trained models compressed (matseg compress) and evaluated on the same test split: "
+            "Δ = compressed - full, what the compression costs", ("compression",)),
     Variant("-augment", ("training.augment=false",), "no flips / 90° rotations of training crops", ("training.augment",)),
     Variant("-class_weights", ("training.class_weights=false",), "unweighted loss", ("training.class_weights",)),
     Variant("-pretraining", ("model.weights=none",), "random initialisation instead of pretrained weights", ("model.weights",)),
@@ -58,7 +63,7 @@ BASELINE_LIVE = frozenset(  # read by runs._train / make_optimizer / make_loss /
 
 WIRED: dict[str, bool] = {  # the integrator sets True once the feature is used by training / evaluation
     "training.sampling": False, "training.sampling_temperature": False, "training.uncertainty_loss": False,
-    "training.dropout": False, "training.decoder_dropout": False, "training.head": False, "compression": False}
+    "training.dropout": False, "training.decoder_dropout": False, "training.head": False, "compression": True}
 
 _PAIRED_ON = ("name", "description", "datasets", "task", "model.encoders", "model.decoders", "training.seeds")
 
@@ -118,11 +123,13 @@ def plan_variants(profile,  # the effective `Profile` (`--set` applied)
             raise MatsegError(f"variant {n!r} ({v.doc}) is not available: {why}; refused rather than reporting the Δ of a "
                               "no-op. Drop it from --variants (or wait for the feature to be wired in)")
         eff = apply_overrides(profile, list(v.overrides))
-        if n != "full" and _comparable(eff) == base:
+        derived = "compression" in v.needs  # made from full's trained jobs, not trained
+        if n != "full" and not derived and _comparable(eff) == base:
             raise MatsegError(f"variant {n!r} ({', '.join(v.overrides) or v.doc}) changes nothing for profile "
                               f"{profile.name!r}: it already has these settings. Drop it, or set the ingredient in the "
                               "profile (e.g. --set training.sampling=rare_class) so that there is something to remove")
-        plan.append({"name": n, "slug": variant_slug(n), "overrides": list(v.overrides), "doc": v.doc, "profile": eff})
+        plan.append({"name": n, "slug": variant_slug(n), "overrides": list(v.overrides), "doc": v.doc, "profile": eff,
+                     "compress": derived})
     slugs = [p["slug"] for p in plan]
     if len(set(slugs)) != len(slugs): raise MatsegError(f"variants {', '.join(names)} share a folder name; rename one")
     return plan
@@ -262,6 +269,42 @@ def ablation_figure(ds: xr.Dataset,  # from `ablation_dataset`
                             "grey: full-vs-full noise floor)", height=420, width=max(480, 420 * len(panels)))
     return fig
 
+# %% ../nbs/15_ablate.ipynb #8b4f6158
+COMPRESSION_METHOD = "int8"  # default method of the -compression variant (a key of matseg.compress.METHODS)
+
+def compressed_results(full_dir: str | Path,  # the full variant's run folder
+                       out_dir: str | Path,  # the compressed variant's folder
+                       results: list[dict],  # full's finished job results (`collect_results`)
+                       method: str = COMPRESSION_METHOD,  # compression method
+                       epochs: int = 2,  # fine-tuning epochs (prune / lowrank)
+                       device: str = "auto",  # device of fine-tuning and evaluation (int8: the CPU)
+                       log=print,  # progress lines
+                      ) -> list[dict]:
+    "Each finished job of full compressed by `method` and evaluated on its test split, as job results in full's format."
+    if method not in METHODS: raise MatsegError(f"--compression-method {method!r} is not known; use one of {', '.join(METHODS)}")
+    if epochs < 0: raise MatsegError(f"--compression-epochs {epochs} must be >= 0")
+    dev = "cpu" if "int8" in METHODS[method] else device
+    out = []
+    for r in results:
+        jdir = Path(full_dir) / r["dataset"] / r["id"]
+        src = sha256_file(jdir / CHECKPOINT)
+        res_path = Path(out_dir) / r["id"] / r["dataset"] / f"{r['id']}__{method}" / RESULT
+        if res_path.is_file():
+            old = json.loads(res_path.read_text()).get("compression") or {}
+            if (old.get("source_sha256"), old.get("method"), old.get("epochs")) == (src, method, epochs):
+                out.append(json.loads(res_path.read_text())); continue
+        tj = TrainedJob.open(jdir, device=dev)
+        info = compress(tj, [method], Path(out_dir) / r["id"], epochs=epochs, compile=False, sparsity=0, rounds=3, log=log)
+        ev = evaluate_checkpoint(info["dirs"][method], tj.profile, "test", device=dev)
+        row = next(x for x in info["rows"] if x["method"] == method)
+        res = {k: v for k, v in r.items() if k not in ("cost", "calibration", "temperature")}
+        res.update(metrics={"test": ev["metrics"]}, params=row["params"], infer_ms=row["ms_per_image"],
+                   compression={"method": method, "epochs": epochs, "source": str(jdir), "source_sha256": src,
+                                "checkpoint": info["dirs"][method], "tradeoff": row})
+        atomic_write_json(res_path, res)
+        out.append(res)
+    return out
+
 # %% ../nbs/15_ablate.ipynb #4057b55e
 VARIANTS_DIR = "variants"
 
@@ -300,6 +343,8 @@ def run_ablation(profile_path: str | Path,  # profile JSON
                  datasets: list[str] | None = None,  # only these datasets
                  metric: str = "iou",  # the chart's metric (iou, dice, ..., iou_<class>)
                  rerun: bool = False,  # retrain jobs whose specification changed (passed to run_bench)
+                 compression_method: str = COMPRESSION_METHOD,  # method of the -compression variant
+                 compression_epochs: int = 2,  # its fine-tuning epochs (prune / lowrank)
                 ) -> dict:
     "Every variant × seed as a job of the ordinary grid, then the ablation dataset, table and chart."
     out = check_out_dir(out_dir)
@@ -311,14 +356,21 @@ def run_ablation(profile_path: str | Path,  # profile JSON
     if metric not in (*METRICS, *sorted(classes)):
         raise MatsegError(f"--metric {metric!r} is not a metric of this ablation; use one of {', '.join([*METRICS, *sorted(classes)])}")
     plan = plan_variants(profile, list(variants))
+    if any(p["compress"] for p in plan) and compression_method not in METHODS:
+        raise MatsegError(f"--compression-method {compression_method!r} is not known; use one of {', '.join(METHODS)}")
     with RunLock(out, command=f"matseg ablate {profile_path} --out {out}"):
         atomic_write_json(out / "ablation.json", {
             "profile": str(Path(profile_path).resolve()), "overrides": list(overrides or []), "datasets": datasets,
-            "variants": [{k: p[k] for k in ("name", "slug", "overrides", "doc")} for p in plan]})
+            "variants": [{k: p[k] for k in ("name", "slug", "overrides", "doc")} for p in plan],
+            "compression": {"method": compression_method, "epochs": compression_epochs} if any(p["compress"] for p in plan) else None})
         results = {}
         for p in plan:
             vdir = out / VARIANTS_DIR / p["slug"]
             print(f"== variant {p['name']} ({p['doc']}) -> {vdir}", flush=True)
+            if p["compress"]:  # full ran first (plan_variants puts it first)
+                results[p["name"]] = compressed_results(out / VARIANTS_DIR / "full", vdir, results["full"], compression_method,
+                                                        compression_epochs, device)
+                continue
             run_bench(profile_path, vdir, device, [*(overrides or []), *p["overrides"]], datasets, report=False, rerun=rerun)
             results[p["name"]] = collect_results(vdir, datasets or names)
         ds = ablation_dataset(results)
@@ -338,10 +390,14 @@ def cli_ablate(argv: list[str] | None = None,  # arguments after `matseg ablate`
     ap.add_argument("--datasets", nargs="+", metavar="NAME", help="only these datasets")
     ap.add_argument("--metric", default="iou", help="metric of the chart: iou (foreground mIoU), dice, pixel_accuracy, "
                     "wiou, boundary_f1 or iou_<class> (default: iou)")
+    ap.add_argument("--compression-method", default=COMPRESSION_METHOD, choices=list(METHODS),
+                    help=f"-compression: how full's models are compressed (default {COMPRESSION_METHOD})")
+    ap.add_argument("--compression-epochs", type=int, default=2, help="-compression: fine-tuning epochs of prune / lowrank")
     ap.add_argument("--rerun", action="store_true", help="retrain jobs whose specification changed (old folders move to "
                     "superseded/); without it such jobs are refused")
     a = ap.parse_args(argv)
-    out = run_ablation(a.profile, a.out, a.variants.split(","), a.device, a.overrides, a.datasets, a.metric, a.rerun)
+    out = run_ablation(a.profile, a.out, a.variants.split(","), a.device, a.overrides, a.datasets, a.metric, a.rerun,
+                       a.compression_method, a.compression_epochs)
     print(out["md"].read_text())
     print(f"ablation: {out['nc']}  {out['csv']}  {out['md']}\nchart:    {out['html']}\nvariants: {Path(a.out) / VARIANTS_DIR}/")
     return 0

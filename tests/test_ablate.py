@@ -63,7 +63,9 @@ def test_not_live_variant_refused_and_live_after_wiring(sample):
         with pytest.raises(MatsegError, match="not available") as e: A.plan_variants(prof, [name], source=NOT_WIRED)
         assert field in str(e.value) and "not used by matseg.runs.train_job" in str(e.value)
         assert A.plan_variants(prof, [name], source=WIRED)[1]["name"] == name  # the same call once train_job reads it
-    with pytest.raises(MatsegError, match="compress"): A.plan_variants(prof, ["-compression"], source=WIRED)
+    # -compression trains nothing: it is planned (no no-op refusal) and made from full's finished jobs
+    assert [(p["name"], p["compress"]) for p in A.plan_variants(prof, ["-compression"], source=NOT_WIRED)] == [
+        ("full", False), ("-compression", True)]
     # a flag the integrator flips also makes it live
     old = A.WIRED["training.sampling"]
     try:
