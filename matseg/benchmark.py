@@ -31,7 +31,7 @@ from .train import evaluate
 
 # %% auto #0
 __all__ = ['TEMPLATE', 'bench_profile', 'run_dataset', 'training_curves', 'run_notebook', 'dataset_finished', 'run_bench',
-           'cli_bench', 'evaluate_checkpoint', 'cli_evaluate']
+           'tables_listing', 'cli_bench', 'evaluate_checkpoint', 'cli_evaluate']
 
 # %% ../nbs/06_benchmark.ipynb #615bf09c
 def bench_profile(profile_path: str | Path,  # profile JSON
@@ -160,6 +160,16 @@ def run_bench(profile_path: str | Path,  # profile JSON
         if report: out["reports"] = report_best_jobs(out_dir, n_images=report_images, device=device)
     return out
 
+def tables_listing(tables: str | Path,  # a run's tables/ folder
+                  ) -> str:
+    "What `tables/` holds, read from the folder: one entry per table with its formats (`cost.{csv,md}, iou_latency.html`)."
+    p = Path(tables)
+    by: dict[str, list[str]] = {}
+    for f in sorted(p.iterdir()) if p.is_dir() else []:
+        if f.is_file() and not f.name.startswith("."): by.setdefault(f.stem if f.suffix else f.name, []).append(f.suffix[1:])
+    return ", ".join(s if e == [""] else f"{s}.{e[0]}" if len(e) == 1 else f"{s}.{{{','.join(e)}}}"
+                     for s, e in by.items()) or "empty"
+
 def _retries(text: str) -> int:
     if not text.isdigit(): raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0")
     return int(text)
@@ -194,8 +204,7 @@ def cli_bench(argv: list[str] | None = None,  # arguments after `matseg bench`
     tables = Path(a.out) / "tables"
     print((tables / "recommendations.md").read_text())
     print(f"notebooks: {', '.join(str(p) for p in out['notebooks'].values())}")
-    print(f"results:   {out['nc']}  {out['csv']}\ntables:    {tables}/ (all_combinations, best_per_dataset, jobs, "
-          f"recommendations, iou_heatmap.html)")
+    print(f"results:   {out['nc']}  {out['csv']}\ntables:    {tables}/ ({tables_listing(tables)})")
     for p in out.get("reports", []): print(f"report:    {p}")
     for f in out["failed"]:
         print(f"\nFAILED {f['job']}: {f['error']}\n{f['traceback']}", file=sys.stderr)

@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -90,6 +91,15 @@ def bench_run(tmp_path_factory):
     return tmp, prof, p
 
 
+def _expand(listed: str) -> set[str]:
+    "File names of a `tables_listing` line ('cost.{csv,md}, iou_latency.html')."
+    out = set()
+    for item in listed.split(", "):
+        m = re.fullmatch(r"(.+?)\.\{(.+)\}", item)
+        out |= {f"{m[1]}.{e}" for e in m[2].split(",")} if m else {item}
+    return out
+
+
 def test_bench_cli_end_to_end(bench_run):
     tmp, prof, p = bench_run
     assert p.returncode == 0, p.stderr[-3000:]
@@ -120,6 +130,10 @@ def test_bench_cli_end_to_end(bench_run):
     rep = json.loads((out / "toy" / "report" / "report.json").read_text())  # feedback report of the best job
     assert rep["job"]["dataset"] == "toy" and rep["job"]["id"].startswith("toy__")
     assert "report.html" in p.stdout and (out / "toy" / "report" / "report.html").stat().st_size > 0
+    listed = re.search(r"^tables: +\S+/ \((.*)\)$", p.stdout, re.M).group(1)  # the printout lists what tables/ holds
+    files = _expand(listed)
+    assert files == {f.name for f in (out / "tables").iterdir()}, (listed, sorted(os.listdir(out / "tables")))
+    assert {"cost.csv", "cost.md", "iou_latency.html", "jobs.csv"} <= files  # the newer tables are named too
 
 
 def test_bench_rerun_skips_finished(bench_run):
