@@ -14,6 +14,15 @@ the timing matters). Per model:
 
     python bench/heatmap_speed.py                   # CPU, 1 thread, both models (~5 min)
     python bench/heatmap_speed.py --device cuda     # exact = batched on a GPU
+    python bench/heatmap_speed.py --job runs/cf-src/super1-sample/<lite0-unet job> --tune
+        # the Lite0 row with a trained job (its own input pipeline), and fast's settings (coarse, refine,
+        # context window) picked on a held-out image (--tune-image, a validation image) before the measured one
+
+--tune: on the held-out image, the exact map and the windowed maps (each perturbed pass limited to A ∪ the
+patch dilated by W px) for W in --windows are computed in full; fast's own rule (`_fast_map`) is then replayed
+on them for every coarse × refine × window setting, and the cheapest setting (by the measured per-location
+times) whose replayed map has Pearson >= --tune-pearson and the same top-10 as the exact map is used for the
+measured image. Nothing of the measured image enters the choice.
 
 With --probes, also the approaches tried for a faster `fast` mode (issue 13's ≥ 20×), each against the
 exact map in the same run: coarse-lattice interpolation (what fraction of exact locations a given Pearson
@@ -26,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import platform
 import sys
 import time
@@ -33,19 +43,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.ndimage import find_objects, label
 
 from matseg.core import asset_path, resolve_device
 from matseg.data import read_image, read_mask
-from matseg.explain import (_ibox, _Incremental, _interp_grid, _to_probs, bbox, counterfactual_heatmap, get_kernel,
-                            kernel_grid, region_mask)
+from matseg.explain import (_Evaluator, _fast_map, _Incremental, _interp_grid, _probs, _to_probs, bbox, counterfactual_heatmap,
+                            get_kernel, kernel_grid, region_mask)
 from matseg.models import build_model
+from matseg.runs import TrainedJob
 
 MODELS = {"lite0-unet": ("timm-tf_efficientnet_lite0", "unet"), "resnet50-unet": ("resnet50", "unet")}
 
 
 def _image_and_particle(path: Path, mask_path: Path):
     "Image in [0, 1] (1, H, W) and the box (x0, y0, x1, y1) of one γ′ particle near the centre."
-    from scipy.ndimage import find_objects, label
     img = read_image(path).astype(np.float32)
     img = (img - img.min()) / max(float(np.ptp(img)), 1e-12)
     m = read_mask(mask_path)
@@ -66,15 +77,98 @@ def _pearson(a, b):
     return float(np.corrcoef(np.ravel(a), np.ravel(b))[0, 1])
 
 
+def _mask_of(img_path: Path, mask: str | None) -> Path:
+    return Path(mask) if mask else img_path.parent.parent / f"{img_path.parent.name}_annot" / f"{img_path.stem}_mask.png"
+
+
+class _Lookup:
+    "An `_Evaluator` stand-in over precomputed full maps: replays `_fast_map`'s rule and counts what it computes."
+    path = "incremental"
+
+    def __init__(self, ys, xs, exact: np.ndarray, windowed: dict):
+        self.pos = {(int(y), int(x)): (a, b) for a, y in enumerate(ys) for b, x in enumerate(xs)}
+        self.exact, self.win, self.n_exact, self.n_win = exact, windowed, 0, 0
+
+    def __call__(self, starts):
+        self.n_exact += len(starts)
+        return np.array([self.exact[self.pos[(int(i), int(j))]] for i, j in starts])
+
+    def windowed(self, starts, ctx):
+        self.n_win += len(starts)
+        return np.array([self.win[ctx][self.pos[(int(i), int(j))]] for i, j in starts])
+
+
+def _tune(model, x, region, a, dev) -> tuple[dict, list[str]]:
+    "fast's settings picked on a held-out image: full exact and windowed maps, `_fast_map` replayed on them."
+    kw = dict(kernel=a.kernel, patch=a.patch, stride=a.stride, margin=a.margin, device=str(dev))
+    t0 = time.perf_counter()
+    ex = counterfactual_heatmap(model, x, region, mode="exact", **kw)
+    n = ex.attrs["n_locations"]
+    t_ex = (time.perf_counter() - t0) / n
+    print(f"  tune: exact map {n} locations, {t_ex * n:.0f} s", file=sys.stderr, flush=True)
+    ys, xs = kernel_grid(*x.shape[-2:], a.patch, a.stride, region, a.margin)
+    wins, t_win = {}, {}
+    for w in [int(v) for v in a.windows.split(",") if v]:
+        wins[w], dt = _windowed_map(model, x, region, a, dev, w)
+        t_win[w] = dt / n
+        print(f"  tune: window {w} map {dt:.0f} s, Pearson with exact {_pearson(wins[w], ex.values):.4f}",
+              file=sys.stderr, flush=True)
+    vals, top10 = ex.values.astype(np.float64), set(np.argsort(-ex.values, axis=None)[:10])
+    rows, best = [], None
+    for c, r, w in itertools.product((2, 3, 4), (0.05, 0.1, 0.2, 0.3), [None, *wins]):
+        ev = _Lookup(ys, xs, vals, wins)
+        est, info = _fast_map(ev, ys, xs, c, r, a.check, 0, w)
+        cost = (ev.n_exact * t_ex + ev.n_win * (t_win[w] if w is not None else 0)) / (n * t_ex)
+        p, same = _pearson(est, vals), set(np.argsort(-est, axis=None)[:10]) == top10
+        ok = p >= a.tune_pearson and same
+        rows.append(f"  coarse {c} refine {r:.2f} window {w}: cost {cost:.2f} of exact, Pearson {p:.4f}, "
+                    f"top-10 same {same}{'  ← ok' if ok else ''}")
+        if ok and (best is None or cost < best[0]): best = (cost, dict(coarse=c, refine=r, window=w))
+    lines = [f"tuning on the held-out image: exact {t_ex * 1e3:.1f} ms/location; windowed " +
+             ", ".join(f"W={w}: {t * 1e3:.1f} ms ({t_ex / t:.2f}× exact)" for w, t in t_win.items())] + rows
+    if best is None:
+        lines.append(f"  no setting reached Pearson >= {a.tune_pearson} with the same top-10: the defaults are kept")
+        return {}, lines
+    lines.append(f"  chosen: {best[1]} (replayed cost {best[0]:.2f} of exact)")
+    return best[1], lines
+
+
+def _windowed_map(model, x, region, a, dev, w: int):
+    "Every location of the grid windowed (fast's `_Evaluator.windowed`), and the seconds it took (trace excluded)."
+    with torch.inference_mode():
+        xx = x.to(dev)
+        Z = _probs(model, xx[None])[0]
+        A = region_mask(region, tuple(x.shape[-2:]))
+        box = bbox(A)
+        x0, y0, x1, y1 = box
+        fill = get_kernel(a.kernel)(xx, a.patch, 0)
+        ev = _Evaluator(model, xx, fill, a.patch, box, Z[:, y0:y1, x0:x1], torch.from_numpy(A[y0:y1, x0:x1]), 1, 0.0,
+                        incremental=True, strict=True)
+        ys, xs = kernel_grid(*x.shape[-2:], a.patch, a.stride, box, a.margin)
+        t0 = time.perf_counter()
+        v = ev.windowed([(i, j) for i in ys for j in xs], w)
+        return v.reshape(len(ys), len(xs)), time.perf_counter() - t0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--image", default=str(asset_path("sample", "super1", "test", "spot2_0d_0.png")))
-    ap.add_argument("--mask", default=None, help="annotation of --image (default: the sample's test_annot)")
+    ap.add_argument("--mask", default=None, help="annotation of --image (default: the sample's <split>_annot)")
     ap.add_argument("--models", default="lite0-unet,resnet50-unet", help=f"comma-separated of {', '.join(MODELS)}")
+    ap.add_argument("--job", default=None, help="a trained Lite0-UNet job folder for the lite0-unet row "
+                    "(its checkpoint and input pipeline); default: random weights")
     ap.add_argument("--patch", type=int, default=16)
     ap.add_argument("--stride", type=int, default=8)
     ap.add_argument("--margin", type=int, default=128)
     ap.add_argument("--kernel", default="occlude")
+    ap.add_argument("--coarse", type=int, default=None, help="fast: coarse lattice step (default: the function's)")
+    ap.add_argument("--refine", type=float, default=None, help="fast: refinement threshold (default: the function's)")
+    ap.add_argument("--window", type=int, default=None, help="fast: context window in px (default: the function's)")
+    ap.add_argument("--check", type=int, default=32, help="fast: exact check locations")
+    ap.add_argument("--tune", action="store_true", help="pick fast's coarse/refine/window on --tune-image first")
+    ap.add_argument("--tune-image", default=str(asset_path("sample", "super1", "val", "spot1_0d_0.png")))
+    ap.add_argument("--tune-pearson", type=float, default=0.995, help="tuning criterion on the held-out image")
+    ap.add_argument("--windows", default="32,64,96", help="context windows tried by --tune (px)")
     ap.add_argument("--naive-sample", type=int, default=6, help="naive locations timed (then extrapolated)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
@@ -85,21 +179,38 @@ def main(argv=None) -> int:
     torch.set_num_threads(a.threads)
     dev = resolve_device(a.device)
     img_path = Path(a.image)
-    mask_path = Path(a.mask) if a.mask else img_path.parent.parent / "test_annot" / f"{img_path.stem}_mask.png"
-    x, region = _image_and_particle(img_path, mask_path)
-    print(f"image {img_path.name} {tuple(x.shape)}, region A = particle box {region}", file=sys.stderr)
+    x01, region = _image_and_particle(img_path, _mask_of(img_path, a.mask))
+    print(f"image {img_path.name} {tuple(x01.shape)}, region A = particle box {region}", file=sys.stderr)
     name = (torch.cuda.get_device_name(dev) if dev.type == "cuda"
             else f"CPU {platform.machine()} ×{torch.get_num_threads()} thread(s)")
     if a.header:
         print("| device | model | locations | naive s (extrapolated from n) | exact s (path) | exact × | fast s | fast × "
-              "| fast exact locations | Pearson fast/exact | top-10 same | fast self-check Pearson / max rel. err "
-              "| exact vs naive max rel. diff |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+              "| fast settings | fast exact + windowed locations | Pearson fast/exact | top-10 same "
+              "| fast self-check Pearson / max rel. err | exact vs naive max rel. diff |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     probes: list[str] = []
     for key in a.models.split(","):
         enc, dec = MODELS[key]
-        torch.manual_seed(0)
-        model = build_model(enc, dec, in_channels=1, classes=3).to(dev).eval()
+        if key == "lite0-unet" and a.job:
+            tj = TrainedJob.open(a.job, device=str(dev))
+            model, label_ = tj.model.eval(), f"{dec}-{enc} (trained: {Path(a.job).name})"
+            x = tj.prepare(img_path)
+            x_tune = tj.prepare(Path(a.tune_image)) if a.tune else None
+        else:
+            torch.manual_seed(0)
+            model, label_ = build_model(enc, dec, in_channels=1, classes=3).to(dev).eval(), f"{dec}-{enc} (random)"
+            x = x01
+            x_tune = _image_and_particle(Path(a.tune_image), _mask_of(Path(a.tune_image), None))[0] if a.tune else None
+        fast_kw = {k: v for k, v in dict(coarse=a.coarse, refine=a.refine, window=a.window).items() if v is not None}
+        if a.tune:
+            t_region = _image_and_particle(Path(a.tune_image), _mask_of(Path(a.tune_image), None))[1]
+            t0 = time.perf_counter()
+            chosen, lines = _tune(model, x_tune, t_region, a, dev)
+            lines.insert(0, f"{key}: --tune on {Path(a.tune_image).name}, particle box {t_region} "
+                         f"({time.perf_counter() - t0:.0f} s)")
+            print("\n".join(lines), file=sys.stderr, flush=True)
+            probes.append("\n".join(lines))
+            fast_kw.update(chosen)
         kw = dict(kernel=a.kernel, patch=a.patch, stride=a.stride, margin=a.margin, device=str(dev))
         t0 = time.perf_counter()
         ex = counterfactual_heatmap(model, x, region, mode="exact", **kw)
@@ -107,9 +218,11 @@ def main(argv=None) -> int:
         n = ex.attrs["n_locations"]
         print(f"{key}: exact {n} locations in {te:.1f} s (path {ex.attrs['path']})", file=sys.stderr)
         t0 = time.perf_counter()
-        fa = counterfactual_heatmap(model, x, region, mode="fast", **kw)
+        fa = counterfactual_heatmap(model, x, region, mode="fast", check=a.check, **fast_kw, **kw)
         tf = time.perf_counter() - t0
-        print(f"{key}: fast in {tf:.1f} s ({fa.attrs['fast_exact_locations']} exact locations)", file=sys.stderr)
+        fa_a = fa.attrs
+        print(f"{key}: fast {fast_kw} in {tf:.1f} s ({fa_a['fast_exact_locations']} exact + "
+              f"{fa_a['fast_windowed_locations']} windowed locations)", file=sys.stderr)
         # naive on a sample of locations: a margin-0 grid of one location each, spread over the grid
         ny, nx = ex.shape
         picks = [(int(i), int(j)) for i, j in zip(np.linspace(0, ny - 1, a.naive_sample).round(),
@@ -127,9 +240,10 @@ def main(argv=None) -> int:
         print(f"{key}: naive {tn / len(picks):.2f} s per location → {tn_full:.0f} s for {n} (extrapolated)",
               file=sys.stderr)
         same10 = set(np.argsort(-ex.values, axis=None)[:10]) == set(np.argsort(-fa.values, axis=None)[:10])
-        fa_a = fa.attrs
-        print(f"| {name} | {dec}-{enc} | {n} | {tn_full:.0f} (n={len(picks)}) | {te:.1f} ({ex.attrs['path']}) "
-              f"| {tn_full / te:.1f}× | {tf:.1f} | {tn_full / tf:.1f}× | {fa_a['fast_exact_locations']} "
+        sett = f"c{fa_a['fast_coarse']} r{fa_a['fast_refine']:g} w{fa_a['fast_window'] if fa_a['fast_window'] >= 0 else '-'}"
+        print(f"| {name} | {label_} | {n} | {tn_full:.0f} (n={len(picks)}) | {te:.1f} ({ex.attrs['path']}) "
+              f"| {tn_full / te:.1f}× | {tf:.1f} | {tn_full / tf:.1f}× | {sett} "
+              f"| {fa_a['fast_exact_locations']} + {fa_a['fast_windowed_locations']} "
               f"| {_pearson(fa.values, ex.values):.4f} | {'yes' if same10 else 'no'} "
               f"| {fa_a['fast_check_pearson']:.4f} / {fa_a['fast_check_max_rel_err']:.1e} | {rel:.1e} |", flush=True)
         if a.probes:  # printed below the table
@@ -216,7 +330,6 @@ def _probes(model, x, region, ex, patch, kernel, n_sample) -> list[str]:
 class _NaiveOne:
     "H at one location exactly as naive_heatmap computes it: one whole-image forward per location."
     def __init__(self, model, x, region, patch, kernel, dev):
-        from matseg.explain import _probs, get_kernel, region_mask
         self.model, self.patch, self.probs = model, patch, _probs
         with torch.inference_mode():
             self.x = x.to(dev)

@@ -111,6 +111,80 @@ def test_fast_mode_measures_its_error():
     with pytest.raises(MatsegError, match="mode"): counterfactual_heatmap(model, img, mode="quick", **kw)
 
 
+def _check_oracle(fa, ex):
+    "The error fast reports, recomputed from the exact map at the locations it says it checked."
+    a = fa.attrs
+    idx = np.asarray(a["fast_check_index"], np.int64)
+    est, truth = np.asarray(a["fast_check_estimates"], np.float64), ex.values.ravel()[idx].astype(np.float64)
+    np.testing.assert_allclose(fa.values.ravel()[idx], truth, rtol=1e-5, atol=1e-6)  # checked locations: exact
+    top = float(np.abs(fa.values).max())
+    assert np.isclose(a["fast_check_max_rel_err"], np.abs(est - truth).max() / top, rtol=1e-4, atol=1e-6)
+    assert np.isclose(a["fast_check_pearson"], np.corrcoef(est, truth)[0, 1], rtol=1e-4, atol=1e-6)
+    order = np.argsort(-fa.values, axis=None)[:10]
+    if a["fast_top10_exact"]:  # the ten highest values are exact values
+        np.testing.assert_allclose(fa.values.ravel()[order], ex.values.ravel()[order], rtol=1e-5, atol=1e-6)
+
+
+def test_fast_window_exact_where_claimed(tiny_unet):
+    "A context window that covers the whole image drops nothing: windowed values are the exact ones."
+    img = torch.rand(1, 48, 48, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    kw = dict(region=(18, 20, 28, 30), patch=8, stride=4)
+    ex = counterfactual_heatmap(tiny_unet, img, mode="incremental", **kw)
+    fa = counterfactual_heatmap(tiny_unet, img, mode="fast", coarse=1, check=12, window=48, **kw)
+    a = fa.attrs
+    assert a["fast_window"] == 48 and a["fast_window_applied"] == 1 and a["path"] == "incremental"
+    assert a["fast_windowed_locations"] > 0 and a["fast_exact_locations"] + a["fast_windowed_locations"] == ex.size
+    np.testing.assert_allclose(fa.values, ex.values, rtol=1e-6, atol=1e-9)
+    assert a["fast_check_max_rel_err"] < 1e-9 and a["fast_top10_max_rel_err"] < 1e-9
+    _check_oracle(fa, ex)
+
+
+def test_fast_window_reports_a_bad_approximation(tiny_unet):
+    """A window of 0 px drops every change outside A ∪ the patch, which a UNet's deep stages spread widely: the map
+    is measurably wrong, and the error it reports is the one the exact map shows at its checked locations."""
+    img = torch.rand(1, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    kw = dict(region=(24, 26, 34, 36), patch=8, stride=4)
+    ex = counterfactual_heatmap(tiny_unet, img, mode="incremental", **kw)
+    fa = counterfactual_heatmap(tiny_unet, img, mode="fast", window=0, check=40, **kw)
+    a = fa.attrs
+    assert a["fast_window_applied"] == 1 and a["fast_check_windowed"] > 0
+    _check_oracle(fa, ex)
+    true_err = float(np.abs(fa.values - ex.values).max() / np.abs(ex.values).max())
+    assert true_err > 0.05 and a["fast_check_max_rel_err"] > 0.05  # bad, and it says so
+    assert a["fast_check_pearson"] < 0.99 or a["fast_top10_max_rel_err"] > 0.05
+    wide = counterfactual_heatmap(tiny_unet, img, mode="fast", window=16, check=40, **kw)
+    _check_oracle(wide, ex)  # a wider window: smaller error, reported as such
+    assert wide.attrs["fast_check_max_rel_err"] < a["fast_check_max_rel_err"]
+    with pytest.raises(MatsegError, match="window"): counterfactual_heatmap(tiny_unet, img, mode="fast", window=-1, **kw)
+
+
+class _Untraceable(nn.Module):
+    "Leaves torch through NumPy: make_fx would bake the input in as a constant."
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(torch.from_numpy(x.detach().cpu().numpy().copy()))
+
+
+def test_fast_window_falls_back_and_says_so():
+    torch.manual_seed(0)
+    model, img = _Untraceable().eval(), torch.rand(1, 32, 32)
+    kw = dict(region=(10, 10, 20, 20), patch=6, stride=3)
+    ref = counterfactual_heatmap(model, img, mode="naive", **kw)
+    ex = counterfactual_heatmap(model, img, mode="exact", **kw)
+    assert ex.attrs["path"] == "batched" and "does not depend on its input" in ex.attrs["path_reason"]
+    np.testing.assert_allclose(ex.values, ref.values, rtol=1e-4, atol=1e-5)  # not the traced constant's zeros
+    fa = counterfactual_heatmap(model, img, mode="fast", window=4, **kw)
+    a = fa.attrs
+    assert a["path"] == "batched" and a["fast_window_applied"] == 0 and a["fast_windowed_locations"] == 0
+    assert "needs the incremental path" in a["fast_window_reason"]
+    _check_oracle(fa, ref)
+    with pytest.raises(MatsegError, match="cannot be traced|does not depend"):
+        counterfactual_heatmap(model, img, mode="incremental", **kw)
+
+
 def test_pointwise_model_against_hand_computed_oracle():
     """For a per-pixel model, H_ij = sum over A ∩ patch of |softmax(f(x)) - softmax(f(mean))|."""
     torch.manual_seed(0)
