@@ -13,9 +13,6 @@ from pathlib import Path
 import safetensors.torch
 import torch
 from torch import nn
-from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
-    X86InductorQuantizer, get_default_x86_inductor_quantization_config)
 
 from .core import MatsegError, atomic_path, atomic_write_json, read_json
 from .models import DECODERS, build_model, check_head, decoder_key, sha256_file
@@ -182,6 +179,11 @@ def quantize_int8(model: nn.Module,  # fp32 model on the CPU (not changed)
                   batch_size: int = 8,  # calibration crops per forward pass
                  ) -> torch.fx.GraphModule:
     "int8 post-training quantisation by PT2E: torch.export → prepare (X86InductorQuantizer) → calibrate → convert."
+    # torchao is imported here, not at the top: runs imports this module, so every CLI command and reader would pay
+    # torchao's import (about as long as torch's own) while only int8 building needs it
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+        X86InductorQuantizer, get_default_x86_inductor_quantization_config)
     if calibration.ndim != 4 or len(calibration) < 1:
         raise MatsegError(f"calibration must be a (N, C, h, w) batch of training crops, not shape {tuple(calibration.shape)}")
     model = model.eval()

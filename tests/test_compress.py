@@ -159,3 +159,11 @@ def test_int8_export_failure_says_why():
     with pytest.raises(MatsegError, match="PT2E"):
         quantize_int8(Branchy(), torch.rand(4, 1, 16, 16))
 
+
+
+def test_readers_do_not_import_torchao():
+    "int8 building needs torchao; opening and reading jobs (matseg.runs, the CLI) must not pay its import."
+    import subprocess, sys
+    code = "import sys, matseg.runs, matseg.cli; print('torchao' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "False"
