@@ -233,12 +233,23 @@ class Int8Segmenter(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.tile or x.shape[-2] != self.tile:
-            raise MatsegError(f"the int8 model was exported for {self.tile}x{self.tile} tiles, not {tuple(x.shape[-2:])}; "
-                              "predict with tiles of that side (TrainedJob.probs does)")
+        "Logits; an input larger than the exported tile is run tile by tile (a grid of whole tiles, the last row and column aligned to the border, overlaps averaged)."
+        t, (H, W) = self.tile, x.shape[-2:]
+        if H < t or W < t:
+            raise MatsegError(f"the int8 model was exported for {t}x{t} tiles and cannot run on a smaller input "
+                              f"{tuple(x.shape[-2:])}; give images of at least {t}x{t} pixels")
         if x.device.type != "cpu":
             raise MatsegError(f"the int8 model runs on the CPU only, not {x.device}; use --device cpu")
-        return (self.graph if self.compiled is None else self.compiled)(x.float())
+        run, x = (self.graph if self.compiled is None else self.compiled), x.float()
+        if H == t and W == t: return run(x)
+        ys, xs = sorted({*range(0, H - t + 1, t), H - t}), sorted({*range(0, W - t + 1, t), W - t})
+        out, n = None, torch.zeros(1, 1, H, W)
+        for y in ys:
+            for x0 in xs:
+                z = run(x[..., y:y + t, x0:x0 + t].contiguous())
+                if out is None: out = torch.zeros(*z.shape[:2], H, W)
+                out[..., y:y + t, x0:x0 + t] += z; n[..., y:y + t, x0:x0 + t] += 1
+        return out / n
 
 # %% ../nbs/03b_compressed.ipynb #913aacf2
 COMPRESSED_FORMAT = "matseg-compressed/1"

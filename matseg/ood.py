@@ -27,9 +27,9 @@ from .runs import TrainedJob
 # %% auto #0
 __all__ = ['PRDC_NAMES', 'DETECTORS', 'SHIFTS', 'SHIFT_LEVELS', 'QC_FEATURES', 'knn_radii', 'prdc_statistics', 'GMMDetector',
            'OCSVMDetector', 'KDEDetector', 'make_detector', 'nearest_index', 'Forte', 'evaluate_ood', 'readiness',
-           'model_fingerprint', 'hf_features', 'mask_features', 'FeatureCache', 'auto_k', 'tile_images', 'qc_split',
-           'threshold_interval', 'qc_protocol', 'synthetic_shift', 'qc_tile', 'qc_embed', 'qc_run', 'qc_lines',
-           'cli_ood']
+           'model_fingerprint', 'hf_features', 'mask_features', 'FeatureCache', 'auto_k', 'feasible_k', 'tile_images',
+           'qc_split', 'threshold_interval', 'qc_protocol', 'synthetic_shift', 'qc_tile', 'qc_embed', 'qc_run',
+           'qc_lines', 'cli_ood']
 
 # %% ../nbs/07_ood.ipynb #e6741e4c
 def _as_points(x, name: str = "features") -> np.ndarray:
@@ -472,6 +472,16 @@ def auto_k(n_points: int,  # ID feature points (crops)
     cap = max(5, (n_images // 2 - 1) * per // 2)  # each 50/50 half holds n_images//2 images; own image excluded
     return min(2 * per + 1, cap)
 
+def feasible_k(k: int,  # the k wanted (e.g. from `auto_k`)
+               groups,  # (N,) group label of each fit ID point
+               seed: int = 0,  # Forte's split seed
+              ) -> int:
+    "k lowered (not below 1) so that every point of Forte's seeded 50/50 split by group has k neighbours outside its own group."
+    g = np.asarray(groups)
+    room = [len(h) - int(np.unique(g[h], return_counts=True)[1].max()) for h in _half_split(len(g), g, seed) if len(h)]
+    return max(1, min([int(k), *room]))
+
+
 # %% ../nbs/07_ood.ipynb #81828601
 def tile_images(images, # (N, C, H, W) array or list of (C, H, W) arrays of any sizes
                 size: int = 256, # crop size; 0 or larger than an image: the whole image
@@ -542,7 +552,7 @@ def qc_protocol(id_features, # (N, D) ID features (crops), or a list of such arr
     vs = _views(id_features, "id_features"); src = np.asarray(id_src); grp = np.asarray(id_groups)
     fit_img, held_img = qc_split(grp, heldout, seed)
     fit_pt, held_pt = fit_img[src], held_img[src]
-    k = k or auto_k(int(fit_pt.sum()), int(fit_img.sum()))
+    k = k or feasible_k(auto_k(int(fit_pt.sum()), int(fit_img.sum())), grp[src[fit_pt]], seed)
     forte = Forte(detector, k=k, seed=seed).fit([v[fit_pt] for v in vs], groups=grp[src[fit_pt]])
 
     def score(feats, s):  # the one scoring call of every set

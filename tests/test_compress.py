@@ -167,3 +167,29 @@ def test_readers_do_not_import_torchao():
     code = "import sys, matseg.runs, matseg.cli; print('torchao' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "False"
+
+
+def test_compressed_checkpoint_runs_through_every_reader(run, tmp_path, capsys):
+    "evaluate, ood, explain and report open a `matseg compress` checkpoint (pruned + int8) like any job's."
+    from matseg.cli import main
+    jdir, out, prof = run
+    c = _cdir(out, jdir)
+    rc = main(["evaluate", str(c), "--profile", str(prof), "--device", "cpu", "--json", str(tmp_path / "ev.json")])
+    assert rc == 0, capsys.readouterr().err
+    ev = json.loads((tmp_path / "ev.json").read_text())
+    assert abs(ev["metrics"]["miou"] - float(_rows(out)["prune+int8"]["test_miou"])) < 1e-6  # the table's number
+    rc = main(["ood", str(c), "--profile", str(prof), "--device", "cpu", "--out", str(tmp_path / "ood"),
+               "--shift", "blur", "--test", f"{jdir.parent.name}:test"])
+    assert rc == 0, capsys.readouterr().err
+    assert any((tmp_path / "ood").iterdir())
+    img = sorted((jdir.parents[2] / "afm").rglob("*.tif*"))[0]  # a 3-channel AFM image
+    rc = main(["explain", str(c), str(img), "--region", "0,0,32,32", "--patch", "16", "--stride", "16",
+               "--validate", "0", "--device", "cpu", "--out", str(tmp_path / "ex")])
+    assert rc == 0, capsys.readouterr().err
+    ex = json.loads((tmp_path / "ex" / "explain.json").read_text())
+    assert ex["attrs"]["n_locations"] > 0 and ex["attrs"]["path"]  # which path ran is said
+    rc = main(["report", str(c), "--profile", str(prof), "--device", "cpu", "--n-images", "1", "--heatmap-size", "64",
+               "--out", str(tmp_path / "rep")])
+    assert rc == 0, capsys.readouterr().err
+    rep = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert "prune+int8" in json.dumps(rep) and (tmp_path / "rep" / "report.html").is_file()
