@@ -131,6 +131,7 @@ def run_bench(profile_path: str | Path,  # profile JSON
               rerun: bool = False,  # retrain jobs whose specification changed (old folders go to OUT/superseded)
               client=None,  # a `dask.distributed.Client`: every job is one task there (None: serial, in the notebooks)
               retries: int = 2,  # with `client`: extra attempts of a job that raised
+              adopt_data: bool = False,  # keep older jobs whose data files differ only in modification time (copied data)
              ) -> dict:
     "The whole benchmark: one papermill notebook per dataset, the run's summary, then the feedback reports."
     out_dir = check_out_dir(out_dir)
@@ -140,7 +141,7 @@ def run_bench(profile_path: str | Path,  # profile JSON
         if n not in names: raise MatsegError(f"--datasets {n!r}: no such dataset in {profile_path}; datasets: {', '.join(names)}")
     names = [n for n in names if not datasets or n in datasets]
     with RunLock(out_dir, command=f"matseg bench {profile_path} --out {out_dir}"):
-        jobs, specs = prepare_grid(profile, out_dir, names, rerun)  # refuses (or supersedes) jobs of another spec before any compute
+        jobs, specs = prepare_grid(profile, out_dir, names, rerun, adopt_data=adopt_data)  # refuses (or supersedes) jobs of another spec before any compute
         notebooks, failed = {}, []
 
         def notebook(n: str):
@@ -184,6 +185,9 @@ def cli_bench(argv: list[str] | None = None,  # arguments after `matseg bench`
     ap.add_argument("--datasets", nargs="+", metavar="NAME", help="only these datasets")
     ap.add_argument("--rerun", action="store_true", help="retrain jobs whose specification changed since they ran "
                     "(their old folders move to OUT/superseded/); without it such jobs are refused")
+    ap.add_argument("--adopt-data", action="store_true", help="keep jobs of an older matseg whose data files differ only "
+                    "in modification time (same paths and sizes: a copied or checked-out dataset); they are re-recorded "
+                    "with the files' sha256")
     ap.add_argument("--no-report", action="store_true", help="skip the feedback report (masks, OOD QC, heatmaps)")
     ap.add_argument("--report-images", type=int, default=2, help="test images (with heatmaps) per report")
     ap.add_argument("--cluster", metavar="SPEC", help="run the jobs on Dask: local[:N] (this machine: one worker per GPU, "
@@ -200,7 +204,7 @@ def cli_bench(argv: list[str] | None = None,  # arguments after `matseg bench`
     with RunLock(check_out_dir(a.out), command=f"matseg bench {a.profile} --out {a.out}"):  # before a cluster starts
         with cluster_client(a.cluster, a.device) if a.cluster else nullcontext() as client:
             out = run_bench(a.profile, a.out, a.device, a.overrides, a.datasets, not a.no_report, a.report_images,
-                            a.rerun, client, a.retries)
+                            a.rerun, client, a.retries, adopt_data=a.adopt_data)
     tables = Path(a.out) / "tables"
     print((tables / "recommendations.md").read_text())
     print(f"notebooks: {', '.join(str(p) for p in out['notebooks'].values())}")

@@ -23,9 +23,9 @@ from .compressed import (CALIBRATION, COMPRESSED_FORMAT, PROBE_TOL, Int8Segmente
                               _lowrank_kind, _probe_err, _spectrum, apply_recipe, load_compressed, quantize_int8,
                               save_compressed, structure_recipe)
 from .models import build_model
-from .train import CropSampler, evaluate, inverse_frequency_weights, make_loss, make_optimizer, seed_everything, train_step
+from .train import CropSampler, evaluate, make_loss, seed_everything
 from .profile import apply_overrides, load_profile
-from .runs import TrainedJob, markdown_table, save_run_profile
+from .runs import TrainedJob, markdown_table, save_run_profile, tile_size, train_epoch, training_parts
 
 # %% auto #0
 __all__ = ['IMPORTANCE', 'METHODS', 'count_params', 'gflops', 'cpu_ms', 'head_modules', 'prune_channels', 'unstructured_sparsity',
@@ -165,30 +165,27 @@ def finetune(model: nn.Module,  # the compressed fp32 model (trained in place)
              overlap: int = 0,  # tile overlap of the validation pass
              seed: int = 0,  # crop sampler seed
             ) -> tuple[nn.Module, list[dict]]:
-    "Fine-tune with the job's own pieces (crops, loss, optimiser, step); keep the epoch (0: none) with the best val mIoU."
+    "Fine-tune with the job's own recipe (`matseg.runs.training_parts`, `train_epoch`); keep the epoch (0: none) with the best val mIoU."
     if epochs < 0: raise MatsegError(f"fine-tuning epochs {epochs} must be >= 0")
     dev = next(model.parameters()).device
     tr = SimpleNamespace(**{"optimizer": "adam", "weight_decay": 0.0, "scheduler": "cosine", "batch_size": 8, "loss": "ce+dice",
-                            "class_weights": False, "augment": True, "crops_per_image": None, **training})
+                            "class_weights": False, "augment": True, "crops_per_image": None, "sampling": "uniform",
+                            "sampling_temperature": 0.1, "head": "softmax", "evidential_anneal": 10, **training})
     tr.lr, tr.max_epochs = float(lr if lr is not None else tr.lr), max(epochs, 1)
     if not (math.isfinite(tr.lr) and tr.lr > 0): raise MatsegError(f"fine-tuning lr {tr.lr} must be a finite number > 0")
     (xtr, ytr), (xva, yva) = train, val
     K = n_classes
-    cw = inverse_frequency_weights(ytr, K).to(dev) if tr.class_weights else None
-    loss_fn = make_loss(tr.loss, cw, ignore_index=ignore_index)
-    opt, sched = make_optimizer(model, tr)
     seed_everything(seed)
-    sampler = CropSampler(xtr, ytr, size, tr.batch_size, seed=seed, augment=tr.augment, device=dev,
-                          crops_per_image=tr.crops_per_image)
+    opt, sched, loss_fn, sampler = training_parts(model, tr, xtr, ytr, K, size, seed=seed, device=dev, ignore_index=ignore_index)
     def val_miou():
-        return evaluate(model, xva, yva, K, size, overlap, boundary=False, ignore_index=ignore_index)[0]["miou"]
+        val = evaluate(model, xva, yva, K, size, overlap, boundary=False, ignore_index=ignore_index)[0]
+        if "iou" in val: sampler.update(val["iou"])  # adaptive sampling follows the val difficulty (others: no-op)
+        return val["miou"]
     best, best_state = val_miou(), copy.deepcopy(model.state_dict())
     history = [{"epoch": 0, "train_loss": math.nan, "val_miou": best}]
-    for epoch in range(1, epochs + 1):
-        model.train(); total, n = 0.0, 0
-        for x, y in sampler: total += float(train_step(model, x, y, loss_fn, opt)); n += 1
+    for epoch in range(1, epochs + 1):  # the model is trained: an evidential KL term enters at full weight
+        loss, _, _ = train_epoch(model, sampler, loss_fn, opt, int(tr.evidential_anneal) + epoch, amp=False)
         sched.step()
-        loss = total / max(n, 1)
         if not math.isfinite(loss):
             history.append({"epoch": epoch, "train_loss": loss, "val_miou": math.nan}); break
         v = val_miou()
@@ -254,6 +251,7 @@ def compress(tj: TrainedJob,  # the trained job (`TrainedJob.open`)
              threads: int = 1,  # torch threads for the CPU timing
              rounds: int = 7,  # timing rounds
              seed: int = 0,  # crop seeds
+             tile: int | None = None,  # evaluation, int8 export and timing tile (None: the job's tile); recorded in the sidecars
              log=print,  # progress lines
             ) -> dict:
     "Compress a trained job by each method, fine-tune, evaluate on test, time on the CPU; write OUT/<dataset>/<job>__<method>/ and the table."
@@ -268,14 +266,23 @@ def compress(tj: TrainedJob,  # the trained job (`TrainedJob.open`)
         raise MatsegError(f"dataset {spec.name!r} needs train and test images to compress and measure; it has "
                           f"{len(data['train']['x'])} train / {len(data['test']['x'])} test")
     t = lambda s: (data[s]["x"], torch.as_tensor(data[s]["masks"]).long())  # noqa: E731
-    size = tj.tile_for(data["train"]["x"].shape[-2:]); ov = min(tj.overlap, size // 2)
+    crop = tj.tile_for(data["train"]["x"].shape[-2:])  # fine-tuning crops: the job's own
+    shapes = [data[s]["x"].shape[-2:] for s in ("train", "val", "test") if len(data[s]["x"])]
+    if tile is None: size = crop
+    else:
+        size = min(tile_size(int(tile), s) for s in shapes)
+        if size != int(tile):
+            raise MatsegError(f"--tile {tile} does not fit: tiles are multiples of 32 and at most the smallest image side "
+                              f"({min(min(int(v) for v in s) for s in shapes)} px here); use --tile {size}")
+    ov = min(tj.overlap, size // 2)
+    meta = {**tj.meta, "crop_size": size}  # readers tile the compressed model at the tile it was exported and timed at
     training = dict(tj.meta.get("training") or {})
     base = copy.deepcopy(tj.model).cpu().eval() if tj.device.type == "cpu" else tj.model.eval()
     dev = tj.device
     calib = next(iter(CropSampler(data["train"]["x"], t("train")[1], size, max(2, n_calibration), seed=seed, augment=False)))[0]
     test_miou = lambda m: evaluate(m, *t("test"), K, size, ov, boundary=False, ignore_index=ig)[0]["miou"]  # noqa: E731
     rows, models = [], {}
-    info = {"checkpoint": str(tj.checkpoint), "tile": size, "threads": threads, "methods": {}, "dirs": {}}
+    info = {"checkpoint": str(tj.checkpoint), "tile": size, "finetune_crop": crop, "threads": threads, "methods": {}, "dirs": {}}
     save_run_profile(tj.profile, out)  # OUT/profiles/<name>.json: the compressed jobs open like run-folder jobs
     def row(name, model, files=(), int8=False, note=""):
         r = {"method": name, "test_miou": test_miou(model), "params": count_params(model),
@@ -297,13 +304,13 @@ def compress(tj: TrainedJob,  # the trained job (`TrainedJob.open`)
                     xs, ys = next(iter(CropSampler(*t("train"), size, 8, seed=seed, augment=False, device=dev)))
                     grad = lambda m: loss_fn(m(xs), ys).backward()  # noqa: E731
                 model, pinfo = prune_channels(model, calib[:2].to(dev), speedup=speedup, importance=importance, grad_fn=grad)
-                model, hist = finetune(model, t("train"), t("val"), training, K, size, epochs=epochs, lr=lr, ignore_index=ig,
-                                       overlap=ov, seed=seed)
+                model, hist = finetune(model, t("train"), t("val"), training, K, crop, epochs=epochs, lr=lr, ignore_index=ig,
+                                       overlap=min(tj.overlap, crop // 2), seed=seed)
                 recipe_info["prune"] = {**pinfo, "finetune": hist}
         if "lowrank" in st:
             model, linfo = lowrank_factorize(model, energy=energy, max_cost=max_cost, fit_budget=fit_budget)
-            model, hist = finetune(model, t("train"), t("val"), training, K, size, epochs=epochs, lr=lr, ignore_index=ig,
-                                   overlap=ov, seed=seed)
+            model, hist = finetune(model, t("train"), t("val"), training, K, crop, epochs=epochs, lr=lr, ignore_index=ig,
+                                   overlap=min(tj.overlap, crop // 2), seed=seed)
             recipe_info["lowrank"] = {**linfo, "finetune": hist}
         model = model.cpu().eval()
         if name == "prune": done["prune"] = model
@@ -319,7 +326,7 @@ def compress(tj: TrainedJob,  # the trained job (`TrainedJob.open`)
             with torch.no_grad(): probe = q(calib[:2])
             comp["int8"] = {"keep_head_fp32": keep_head_fp32, "n_calibration": len(calib), "tile": size,
                             "quantizer": "X86InductorQuantizer (default static config)"}
-            save_compressed(path, model, tj.meta, comp, calibration=calib, probe=probe)
+            save_compressed(path, model, meta, comp, calibration=calib, probe=probe)
             r = row(name, q, files + [path.with_name(CALIBRATION)], int8=True,
                     note="int8 PT2E (mIoU of the q/dq reference graph)" + ("" if compile else "; timed eager q/dq: not the deployed speed"))
             if compile:
@@ -329,7 +336,7 @@ def compress(tj: TrainedJob,  # the trained job (`TrainedJob.open`)
                 recipe_info["compiled_vs_reference"] = err
             run = q
         else:
-            save_compressed(path, model, tj.meta, comp)
+            save_compressed(path, model, meta, comp)
             note = {"prune": f"channels pruned to {recipe_info.get('prune', {}).get('macs_ratio', 1):.2f}x fewer MACs, "
                              f"fine-tuned {epochs} epochs", "lowrank": f"{recipe_info.get('lowrank', {}).get('factorised', 0)} "
                              f"layers factorised, fine-tuned {epochs} epochs"}.get(name, "")
@@ -386,13 +393,16 @@ def cli_compress(argv: list[str] | None = None,  # arguments after `matseg compr
     ap.add_argument("--sparsity", type=float, default=0.5, help="unstructured sparsity figure to report (0: skip)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for the CPU timing (default 1)")
     ap.add_argument("--seed", type=int, default=0, help="crop seed")
+    ap.add_argument("--tile", type=int, default=None, help="tile side for evaluation, the int8 export and the timing "
+                    "(default: the job's crop; a multiple of 32 up to the image side). int8 pays more at larger tiles")
     a = ap.parse_args(argv)
     methods = list(METHODS) if a.method == "all" else [m.strip() for m in a.method.split(",") if m.strip()]
     for m in methods: _method(m)
     for name, v, ok in (("--speedup", a.speedup, a.speedup > 1), ("--energy", a.energy, 0 < a.energy <= 1),
                         ("--max-cost", a.max_cost, 0 < a.max_cost < 1), ("--epochs", a.epochs, a.epochs >= 0),
                         ("--calibration", a.calibration, a.calibration >= 2), ("--threads", a.threads, a.threads >= 1),
-                        ("--sparsity", a.sparsity, 0 <= a.sparsity < 1), ("--lr", a.lr, a.lr is None or a.lr > 0)):
+                        ("--sparsity", a.sparsity, 0 <= a.sparsity < 1), ("--lr", a.lr, a.lr is None or a.lr > 0),
+                        ("--tile", a.tile, a.tile is None or (a.tile >= 32 and a.tile % 32 == 0))):
         if not ok or (isinstance(v, float) and not math.isfinite(v)):
             raise MatsegError(f"{name} {v} is out of range; see `matseg compress --help`")
     out = check_out_dir(a.out)
@@ -401,7 +411,7 @@ def cli_compress(argv: list[str] | None = None,  # arguments after `matseg compr
     info = compress(tj, methods, out, speedup=a.speedup, importance=a.importance, energy=a.energy, max_cost=a.max_cost,
                     fit_budget=a.fit_budget, epochs=a.epochs, lr=a.lr, n_calibration=a.calibration,
                     keep_head_fp32=not a.int8_head, compile=not a.no_compile, sparsity=a.sparsity, threads=a.threads,
-                    seed=a.seed)
+                    seed=a.seed, tile=a.tile)
     print(f"matseg compress: {len(info['rows'])} rows; wrote {out / 'tradeoff.md'}, {out / 'tradeoff.csv'} and "
           f"{', '.join(info['dirs'].values())}")
     return 0

@@ -274,8 +274,12 @@ class Forte:
         if f < 2: return self.detector_.score(X)
         cv = (KFold(f, shuffle=True, random_state=self.seed) if groups is None
               else GroupKFold(f, shuffle=True, random_state=self.seed))
-        oof = np.empty(len(X))
-        for tr, te in cv.split(X, groups=groups):
+        oof, folds = np.empty(len(X)), list(cv.split(X, groups=groups))
+        if min(len(tr) for tr, _ in folds) < 2:
+            raise MatsegError(f"cross-fitting the threshold on {len(X)} fitting points in {n_groups} groups leaves a "
+                              f"training fold of {min(len(tr) for tr, _ in folds)} point(s); the detector needs >= 2: "
+                              "add ID images or crops per image")
+        for tr, te in folds:
             oof[te] = make_detector(self.detector, self.seed, **self.detector_kw).fit(X[tr]).score(X[te])
         return oof
 

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from .cost import COST_COLUMNS, cost_columns, cost_table, iou_latency_chart, model_cost
 from .compressed import COMPRESSED_FORMAT, load_compressed
 from .core import MatsegError, atomic_path, atomic_write_json, atomic_write_text, read_json, resolve_device
-from .data import load_dataset, normalize, pair_files, read_image
+from .data import dataset_root, load_dataset, normalize, pair_files, read_image
 from .metrics import AGGREGATION, count_parameters, time_inference
 from .models import (LITE0, cached_hub_file, efficientnet_lite0_file, encoder_features, input_stats, load_checkpoint,
                      model_head, save_checkpoint, sha256_file, weights_file, build_model)
@@ -47,10 +47,11 @@ from .train import (EarlyStopping, JobData, calibrate, check_method, evaluate, f
 # %% auto #0
 __all__ = ['RESULT', 'CHECKPOINT', 'STATE', 'HISTORY', 'NOTEBOOK', 'PROFILES', 'SUPERSEDED', 'LOCK', 'GENERATIONS', 'CURRENT',
            'SUMMARY', 'PIPELINE_VERSION', 'MC_SAMPLES', 'METRICS', 'JOB_COLUMNS', 'CALIBRATION', 'KEYS', 'ALPHA',
-           'job_dir', 'profile_file', 'notebook_file', 'clean_temp', 'RunLock', 'weights_identity', 'data_identity',
-           'data_fingerprint', 'job_spec', 'grid_specs', 'spec_hash', 'spec_changes', 'stored_spec', 'check_jobs',
-           'supersede', 'conflict_error', 'job_input_stats', 'InputPipeline', 'tile_size', 'find_checkpoint',
-           'find_profile', 'TrainedJob', 'train_job', 'save_run_profile', 'prepare_grid', 'run_jobs', 'collect_results',
+           'job_dir', 'profile_file', 'notebook_file', 'clean_temp', 'RunLock', 'weights_identity', 'data_files',
+           'data_identity', 'data_fingerprint', 'job_spec', 'grid_specs', 'spec_hash', 'spec_changes', 'stored_spec',
+           'legacy_data_match', 'restamp_data_identity', 'check_jobs', 'supersede', 'conflict_error', 'job_input_stats',
+           'InputPipeline', 'tile_size', 'find_checkpoint', 'find_profile', 'TrainedJob', 'training_parts',
+           'train_epoch', 'train_job', 'save_run_profile', 'prepare_grid', 'run_jobs', 'collect_results',
            'results_frame', 'results_dataset', 'save_results', 'compare_seeds', 'recommend', 'select_best',
            'summary_table', 'ranking', 'best_table', 'iou_heatmap', 'markdown_table', 'write_summary', 'Run']
 
@@ -183,19 +184,28 @@ def weights_identity(job) -> dict:
     except Exception: f = None
     return {"weights": w, "sha256": _file_sha(f) if f else None}
 
+def data_files(spec,  # DatasetSpec
+               base_dir,  # profile folder
+              ) -> dict[tuple[str, str], Path]:
+    "(split, path relative to the dataset root) -> file, for every image and mask file of a dataset."
+    root, out = Path(dataset_root(spec, base_dir)).resolve(), {}
+    for s in pair_files(spec, base_dir):
+        for f in [*s.files, s.mask]:
+            f = Path(f).resolve()
+            try: rel = str(f.relative_to(root))
+            except ValueError: rel = str(f)
+            out[(s.split, rel)] = f
+    return out
+
 def data_identity(spec,  # DatasetSpec
                   base_dir,  # profile folder
                  ) -> list:
-    "Every file of a dataset as [split, relative path, size, mtime_ns] (sorted)."
-    from matseg.data import dataset_root
-    root, rows = Path(dataset_root(spec, base_dir)), set()
-    for s in pair_files(spec, base_dir):
-        for f in [*s.files, s.mask]:
-            f = Path(f); st = f.stat()
-            try: rel = str(f.resolve().relative_to(root.resolve()))
-            except ValueError: rel = str(f.resolve())
-            rows.add((s.split, rel, st.st_size, st.st_mtime_ns))
-    return [list(r) for r in sorted(rows)]
+    "Every file of a dataset as [split, relative path, size, sha256] (sorted): its content, so a copied or checked-out dataset is the same data."
+    return [[s, rel, f.stat().st_size, _file_sha(f)] for (s, rel), f in sorted(data_files(spec, base_dir).items())]
+
+def _legacy_rows(rows) -> bool:
+    "Data rows of a matseg that identified files by [split, path, size, mtime_ns] (now: sha256)."
+    return isinstance(rows, list) and bool(rows) and all(isinstance(r, list) and len(r) == 4 and isinstance(r[3], int) for r in rows)
 
 _TASK_KEYS = ("boundary_tolerance", "boundary_tolerance_rule", "defect_classes", "defect_min_size", "instance_iou")
 _DATASET_KEYS = ("classes", "channels", "mask_encoding", "layout", "normalization", "ignore_index")
@@ -269,7 +279,8 @@ def spec_changes(old: dict | None,  # spec stored with a job (None: unknown, wri
         fa = {tuple(r[:2]): r for r in old.get("data") or []}; fb = {tuple(r[:2]): r for r in new.get("data") or []}
         added, removed = len(set(fb) - set(fa)), len(set(fa) - set(fb))
         changed = sum(1 for k in set(fa) & set(fb) if fa[k] != fb[k])
-        out.append(f"data files: {added} added, {removed} removed, {changed} changed (size or modification time)")
+        what = "size or modification time" if any(_legacy_rows(d) for d in (old.get("data"), new.get("data"))) else "content"
+        out.append(f"data files: {added} added, {removed} removed, {changed} changed ({what})")
     return out[:limit] + ([f"... {len(out) - limit} more"] if len(out) > limit else [])
 
 # %% ../nbs/05a_runs.ipynb #432d28d1
@@ -288,20 +299,64 @@ def stored_spec(jdir: Path) -> tuple[str | None, dict | None, str | None]:
         return st.get("spec_hash"), json.loads(spec) if spec else None, STATE
     return None, None, None
 
+def legacy_data_match(job,  # the `Job`
+                      old: dict | None,  # the spec stored with it
+                      new: dict,  # its spec now
+                     ) -> str | None:
+    """How a spec stored by a matseg that identified data files by size + modification time relates to `new`:
+    "same" (equal but for the data identity, and every file has the recorded path, size and modification time),
+    "touched" (the same paths and sizes, some modification times differ: content cannot be checked), or None."""
+    if not isinstance(old, dict) or not _legacy_rows(old.get("data")) or not isinstance(new.get("data"), list): return None
+    if {k: v for k, v in old.items() if k != "data"} != {k: v for k, v in new.items() if k != "data"}: return None
+    rows, cur = {(r[0], r[1]): r for r in old["data"]}, {(r[0], r[1]): r for r in new["data"]}
+    if set(rows) != set(cur) or any(rows[k][2] != cur[k][2] for k in rows): return None
+    files = data_files(job.dataset, job.base_dir)
+    return "same" if all(files[k].stat().st_mtime_ns == rows[k][3] for k in rows) else "touched"
+
+def restamp_data_identity(jdir: Path,  # a job folder whose stored spec `legacy_data_match`es
+                          spec: dict,  # the job's spec now (content identity)
+                          how: str,  # "same" | "touched"
+                         ) -> str:
+    "Rewrite the stored spec and hash (result.json, state.pt, checkpoint.json) to the content identity; record how. Returns the new hash."
+    h, note = spec_hash(spec), {"from": "size + modification time (matseg before content identity)", "how": how,
+                                "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                "accepted": "recorded modification times matched" if how == "same" else
+                                            "same paths and sizes, other modification times: accepted with --adopt-data"}
+    if (jdir / STATE).is_file():
+        st = torch.load(jdir / STATE, map_location="cpu", weights_only=True)
+        st.update(spec_hash=h, spec_json=json.dumps(spec)); _save_state(jdir / STATE, st)
+    side = (jdir / CHECKPOINT).with_suffix(".json")
+    if side.is_file():
+        m = json.loads(side.read_text())
+        if "spec_hash" in m: m["spec_hash"] = h; atomic_write_json(side, m)
+    if (jdir / RESULT).is_file():  # last: result.json is what marks a job finished
+        d = json.loads((jdir / RESULT).read_text())
+        d.update(spec=spec, spec_hash=h, data_identity_upgrade=note); atomic_write_json(jdir / RESULT, d)
+    return h
+
 def check_jobs(jobs: list,  # `Job`s
                out_dir: str | Path,  # run folder
                data: dict | None = None,  # dataset name -> in-memory dataset the jobs will train on
                specs: dict | None = None,  # job id -> spec (default: `grid_specs(jobs, data)`)
+               *, adopt_data: bool = False,  # accept legacy records whose data files differ only in modification time
               ) -> list[dict]:
-    "Jobs whose folder holds a result or state of another specification: [{job, dir, where, changes, hash}]."
+    """Jobs whose folder holds a result or state of another specification: [{job, dir, where, changes, hash, touched}].
+    Records of an older matseg (data identified by size + modification time) are upgraded in place to the content
+    identity when every file still has its recorded size and time, or, with `adopt_data`, the same paths and sizes."""
     out, specs = [], specs or grid_specs(jobs, data)
     for job in jobs:
         jd = job_dir(out_dir, job)
         h, old, where = stored_spec(jd)
         if where is None: continue
         spec = specs[job.id]
-        if h != spec_hash(spec):
-            out.append({"job": job.id, "dir": jd, "where": where, "changes": spec_changes(old, spec), "hash": h})
+        if h == spec_hash(spec): continue
+        how = legacy_data_match(job, old, spec)
+        if how == "same" or (how == "touched" and adopt_data): restamp_data_identity(jd, spec, how); continue
+        changes = spec_changes(old, spec)
+        if how == "touched":
+            changes = ["data files: same paths and sizes, other modification times (recorded before matseg identified "
+                       "data by content, so it cannot compare them)"]
+        out.append({"job": job.id, "dir": jd, "where": where, "changes": changes, "hash": h, "touched": how == "touched"})
     return out
 
 def supersede(jdir: Path,  # a job folder
@@ -325,7 +380,9 @@ def conflict_error(conflicts: list[dict],  # from `check_jobs`
     return MatsegError(f"{len(conflicts)} job(s) in this run folder were made with another specification than the "
                        "profile asks for now, so their results cannot be reused:\n" + "\n".join(lines) + more +
                        "\nFix: rerun with --rerun (matseg bench) / rerun=True to train them anew (the old job folders "
-                       "move to OUT/superseded/, nothing is deleted), or use another --out")
+                       "move to OUT/superseded/, nothing is deleted), or use another --out" +
+                       ("\nIf the data files are the same files copied or checked out again (new modification times), "
+                        "keep those results with --adopt-data (matseg bench) / adopt_data=True" if any(c.get("touched") for c in conflicts) else ""))
 
 # %% ../nbs/05a_runs.ipynb #9d37c318
 def job_input_stats(encoder: str,  # encoder name
@@ -580,6 +637,44 @@ class TrainedJob:
                 "masks": np.asarray(ds["mask"].values[sel]), "channels": list(spec.channels)}
 
 
+# %% ../nbs/05a_runs.ipynb #97ed9ab9
+def training_parts(model: torch.nn.Module,  # the model to train (on `device`)
+                   tr,  # a training block (`Job.training`, or a namespace with its fields)
+                   x: torch.Tensor,  # (N, C, H, W) training images, model tensors
+                   y: torch.Tensor,  # (N, H, W) training masks
+                   n_classes: int,  # classes K
+                   size: int,  # crop side
+                   *, seed: int,  # the sampler's seed
+                   device,  # where batches go
+                   ignore_index: int | None = None,  # the dataset's unlabelled label
+                  ) -> tuple:
+    "(optimizer, scheduler, loss, crop sampler) that a training block asks for: the one recipe of `train_job` and of fine-tuning."
+    opt, sched = make_optimizer(model, tr)
+    cw = inverse_frequency_weights(y, n_classes).to(device) if tr.class_weights else None
+    loss_fn = make_loss(tr.loss, cw, ignore_index=ignore_index, head=getattr(tr, "head", "softmax"),
+                        anneal=getattr(tr, "evidential_anneal", 10), uncertainty=getattr(tr, "uncertainty_loss", False))
+    sampler = make_sampler(getattr(tr, "sampling", "uniform"), x, y, size, tr.batch_size, seed=seed, augment=tr.augment,
+                           device=device, crops_per_image=getattr(tr, "crops_per_image", None), n_classes=n_classes,
+                           ignore_index=ignore_index, temperature=getattr(tr, "sampling_temperature", 0.1))
+    return opt, sched, loss_fn, sampler
+
+def train_epoch(model: torch.nn.Module,  # model (or its torch.compile wrapper)
+                batches,  # iterable of (x, y) batches, e.g. the sampler
+                loss_fn: torch.nn.Module,  # the loss (`training_parts`)
+                opt: torch.optim.Optimizer,  # optimizer
+                epoch: int = 0,  # 0-based epoch (the evidential KL weight follows it)
+                amp: bool = False,  # bf16 autocast (CUDA)
+                *, stop: Callable[[], bool] = lambda: False,  # checked before every step
+               ) -> tuple[float, int, bool]:
+    "One epoch of `train_step`: (mean training loss, steps, stopped before the end); one host sync, at the end."
+    model.train(); total, n = 0.0, 0
+    if hasattr(loss_fn, "set_epoch"): loss_fn.set_epoch(epoch)
+    for x, y in batches:
+        if stop(): return math.nan, n, True
+        total = total + train_step(model, x, y, loss_fn, opt, amp); n += 1
+    return float(total) / max(n, 1), n, False
+
+
 # %% ../nbs/05a_runs.ipynb #34b85027
 def _stop_fn(stop) -> Callable[[], bool]:
     if stop is None: return lambda: False
@@ -609,6 +704,7 @@ def _existing(job, jdir: Path, spec: dict, h: str, out_dir, rerun: bool) -> dict
     "The finished result when it matches the spec; move aside or refuse a folder of another spec."
     old_h, old, where = stored_spec(jdir)
     if where is None: return None
+    if old_h != h and legacy_data_match(job, old, spec) == "same": old_h = restamp_data_identity(jdir, spec, "same")
     if old_h == h:
         return json.loads((jdir / RESULT).read_text()) if where == RESULT else None
     if not rerun:
@@ -701,14 +797,8 @@ def _train(job, out_dir, jdir, res_path, spec, h, device, data, callbacks, stop,
                         weights=getattr(job, "weights_path", job.weights), dropout=getattr(tr, "dropout", 0.0),
                         decoder_dropout=getattr(tr, "decoder_dropout", False), head=getattr(tr, "head", "softmax")).to(dev)
     if cuda: model = model.to(memory_format=torch.channels_last)
-    opt, sched = make_optimizer(model, tr)
-    cw = inverse_frequency_weights(ytr, K).to(dev) if tr.class_weights else None
     ig = getattr(job.dataset, "ignore_index", None)  # unlabelled pixels: skipped by the loss and every metric
-    loss_fn = make_loss(tr.loss, cw, ignore_index=ig, head=getattr(tr, "head", "softmax"),
-                        anneal=getattr(tr, "evidential_anneal", 10), uncertainty=getattr(tr, "uncertainty_loss", False))
-    sampler = make_sampler(tr.sampling, xtr, ytr, size, tr.batch_size, seed=job.seed, augment=tr.augment, device=dev,
-                           crops_per_image=getattr(tr, "crops_per_image", None), n_classes=K, ignore_index=ig,
-                           temperature=tr.sampling_temperature)
+    opt, sched, loss_fn, sampler = training_parts(model, tr, xtr, ytr, K, size, seed=job.seed, device=dev, ignore_index=ig)
     stopper = EarlyStopping(tr.patience)
     history, start, train_seconds = [], 0, 0.0
     state_path = jdir / STATE
@@ -728,14 +818,12 @@ def _train(job, out_dir, jdir, res_path, spec, h, device, data, callbacks, stop,
     stopped, diverged = False, None
     for epoch in range(start, tr.max_epochs):
         if stopper.should_stop: break
-        t0 = time.perf_counter(); model.train(); total = torch.zeros((), device=dev); n = 0
-        loss_fn.set_epoch(epoch)  # the evidential KL weight min(1, epoch / evidential_anneal)
-        for x, y in tqdm(sampler, desc=f"epoch {epoch + 1}", leave=False, disable=not progress):
-            if stop_now(): stopped = True; break
-            total += train_step(fwd, x, y, loss_fn, opt, amp); n += 1
+        t0 = time.perf_counter()
+        batches = tqdm(sampler, desc=f"epoch {epoch + 1}", leave=False, disable=not progress)
+        train_loss, _, stopped = train_epoch(fwd, batches, loss_fn, opt, epoch, amp, stop=stop_now)
         if stopped: break
         lr = sched.get_last_lr()[0]; sched.step()
-        row = {"job": job.id, "epoch": epoch + 1, "train_loss": (total / max(n, 1)).item(), "lr": lr,
+        row = {"job": job.id, "epoch": epoch + 1, "train_loss": train_loss, "lr": lr,
                "val_loss": math.nan, "val_miou": math.nan, "best": False}
         diverged = _finite_or_diverged(row["train_loss"], "the training loss", epoch + 1)
         if diverged is None and ((epoch + 1) % tr.val_every == 0 or epoch + 1 == tr.max_epochs):
@@ -819,12 +907,13 @@ def prepare_grid(profile,  # a `Profile` or a list of `Job`s
                  datasets: list[str] | None = None,  # only these datasets
                  rerun: bool = False,  # move jobs of another spec aside instead of refusing
                  data: dict | None = None,  # dataset name -> in-memory dataset (identified by content)
+                 *, adopt_data: bool = False,  # keep older jobs whose data files differ only in modification time
                 ) -> tuple[list, dict]:
     "(jobs, job id -> spec) after the spec check (refuse or supersede conflicts); saves the profile into the run folder."
     jobs = list(profile) if isinstance(profile, (list, tuple)) else compile_profile(profile)
     if datasets: jobs = [j for j in jobs if j.dataset.name in datasets]
     specs = grid_specs(jobs, data)
-    conflicts = check_jobs(jobs, out_dir, specs=specs)
+    conflicts = check_jobs(jobs, out_dir, specs=specs, adopt_data=adopt_data)
     if conflicts and not rerun: raise conflict_error(conflicts)
     for c in conflicts: supersede(c["dir"], out_dir, c["hash"])
     if not isinstance(profile, (list, tuple)): save_run_profile(profile, out_dir)
@@ -839,12 +928,13 @@ def run_jobs(profile,  # a `Profile` or a list of `Job`s
              stop=None,  # passed to `train_job`; also checked between jobs
              progress: bool = True,  # tqdm progress bars
              *, rerun: bool = False,  # retrain jobs of another specification (old folders go to OUT/superseded)
+             adopt_data: bool = False,  # keep older jobs whose data files differ only in modification time
             ) -> list[dict]:
     "Train every unfinished job of the grid; return one result per job (finished ones read from disk)."
     name = None if isinstance(profile, (list, tuple)) else profile.name
     with RunLock(out_dir):
         given = dict(data or {})
-        jobs, specs = prepare_grid(profile, out_dir, datasets, rerun, given)
+        jobs, specs = prepare_grid(profile, out_dir, datasets, rerun, given, adopt_data=adopt_data)
         stop_now, data, prepared, results = _stop_fn(stop), dict(given), {}, []
         dev = resolve_device(device)
         for job in jobs:

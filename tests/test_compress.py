@@ -193,3 +193,24 @@ def test_compressed_checkpoint_runs_through_every_reader(run, tmp_path, capsys):
     assert rc == 0, capsys.readouterr().err
     rep = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert "prune+int8" in json.dumps(rep) and (tmp_path / "rep" / "report.html").is_file()
+
+
+def test_tile_option_sets_the_export_evaluation_and_reader_tile(run, tmp_path):
+    "--tile: the int8 model is exported, evaluated and timed at that tile, and every reader tiles it there; fine-tuning keeps the job's crop."
+    jdir, _, prof = run
+    common = [str(jdir), "--method", "int8", "--no-compile", "--sparsity", "0", "--calibration", "2",
+              "--profile", str(prof), "--device", "cpu"]
+    with pytest.raises(MatsegError, match="use --tile 128"):  # 160 > the 128 px images
+        cli_compress(common + ["--out", str(tmp_path / "bad"), "--tile", "160"])
+    with pytest.raises(MatsegError, match="--tile 100 is out of range"):  # not a multiple of 32
+        cli_compress(common + ["--out", str(tmp_path / "bad"), "--tile", "100"])
+    assert cli_compress(common + ["--out", str(tmp_path / "c"), "--tile", "128"]) == 0
+    info = json.loads((tmp_path / "c" / "compress.json").read_text())
+    assert (info["tile"], info["finetune_crop"]) == (128, 64)
+    cdir = _cdir(tmp_path / "c", jdir, "int8")
+    side = json.loads((cdir / "checkpoint.json").read_text())
+    assert side["crop_size"] == 128 and side["compression"]["int8"]["tile"] == 128
+    tj = TrainedJob.open(cdir, profile=prof, device="cpu")
+    assert tj.tile == 128 and tj.model.tile == 128
+    x = tj.load_split("test")["x"][:1]
+    assert tj.probs(x[0]).shape == (tj.n_classes, *x.shape[-2:])

@@ -204,3 +204,46 @@ def test_text_json_tables_and_report_carry_one_selection(tmp_path):
     assert rec["encoder"] == best["encoder"] == sel["encoder"] == "small" and sel["seed"] == 2
     assert [c["verdict"] for c in rec["comparisons"]] == ["indistinguishable", "different"]
     assert "small + unet" in p["best_per_dataset_md"].read_text()
+
+
+def test_data_identity_is_content_and_legacy_records_are_upgraded(tmp_path):
+    "Data files are identified by sha256: new modification times reuse, new content refuses; size+mtime records of an older matseg are upgraded (same times) or adopted on request."
+    import os
+    prof_path = write_profile(tmp_path)
+    prof = load_profile(prof_path)
+    out = tmp_path / "run"
+    (res,) = R.run_jobs(prof, out, device="cpu", progress=False)
+    jdir = out / "toy" / res["id"]
+    files = sorted(p for p in (tmp_path / "data").rglob("*") if p.is_file())
+    assert all(len(r) == 4 and len(r[3]) == 64 for r in res["spec"]["data"])  # [split, path, size, sha256]
+    for i, f in enumerate(files): os.utime(f, ns=(10**18 + i, 10**18 + i))  # a copy / checkout: new times, same bytes
+    R._SHA_CACHE.clear()
+    assert R.check_jobs(R.compile_profile(prof), out) == []
+    (again,) = R.run_jobs(prof, out, device="cpu", progress=False)
+    assert again["spec_hash"] == res["spec_hash"]  # reused, not retrained
+
+    def make_legacy(shift):  # what a matseg before content identity wrote: [split, path, size, mtime_ns]
+        d = json.loads((jdir / "result.json").read_text())
+        d["spec"]["data"] = [[s, rel, size, (tmp_path / "data" / rel).stat().st_mtime_ns + shift]
+                             for s, rel, size, _ in d["spec"]["data"]]
+        d["spec_hash"] = R.spec_hash(d["spec"]); d.pop("data_identity_upgrade", None)
+        (jdir / "result.json").write_text(json.dumps(d))
+    jobs = R.compile_profile(prof)
+    make_legacy(0)  # recorded times match: the old rule's exact match, upgraded in place
+    assert R.check_jobs(jobs, out) == []
+    d = json.loads((jdir / "result.json").read_text())
+    assert d["spec_hash"] == res["spec_hash"] and d["data_identity_upgrade"]["how"] == "same"
+    make_legacy(1)  # same paths and sizes, other times: cannot be checked -> refused unless adopted
+    (c,) = R.check_jobs(jobs, out)
+    assert c["touched"] and "other modification times" in c["changes"][0]
+    assert "--adopt-data" in str(R.conflict_error([c]))
+    with pytest.raises(R.MatsegError, match="adopt-data"): R.run_jobs(prof, out, device="cpu", progress=False)
+    assert R.check_jobs(jobs, out, adopt_data=True) == []
+    d = json.loads((jdir / "result.json").read_text())
+    assert d["spec_hash"] == res["spec_hash"] and d["data_identity_upgrade"]["how"] == "touched"
+    # other content (same size) is another dataset: refused, and named as a content change
+    img = next(f for f in files if "train" in str(f) and f.suffix == ".png")
+    b = bytearray(img.read_bytes()); b[-1] ^= 1; img.write_bytes(bytes(b))
+    R._SHA_CACHE.clear()
+    (c,) = R.check_jobs(jobs, out)
+    assert not c["touched"] and "1 changed (content)" in "; ".join(c["changes"])
