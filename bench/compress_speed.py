@@ -64,14 +64,16 @@ def main(argv=None) -> int:
     ap.add_argument("--no-fit-budget", action="store_true", help="low-rank: leave layers that need more rank")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--tile", type=int, default=None, help="evaluation / int8 export / timing tile (default: the job's crop)")
+    ap.add_argument("--no-compile", action="store_true", help="skip inductor lowering (eager; no compiled rows)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     out = Path(a.out)
     jdir = Path(a.job) if a.job else train_super1(out / "runs", a.train_epochs)
     tj = TrainedJob.open(jdir, device="cpu")
     info = compress(tj, a.methods.split(","), out / "compressed", speedup=a.speedup, importance=a.importance, energy=a.energy,
-                    max_cost=a.max_cost, fit_budget=not a.no_fit_budget, epochs=a.epochs, compile=True,
-                    threads=a.threads, rounds=a.rounds, log=lambda s: print(s, file=sys.stderr))
+                    max_cost=a.max_cost, fit_budget=not a.no_fit_budget, epochs=a.epochs, compile=not a.no_compile,
+                    threads=a.threads, rounds=a.rounds, tile=a.tile, log=lambda s: print(s, file=sys.stderr))
     rows = pd.DataFrame(info["rows"])
     cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     model = next((ln.split(":", 1)[1].strip() for ln in cpu.splitlines() if ln.startswith("Model name")), platform.processor())
